@@ -1,0 +1,3 @@
+fn main() {
+    println!("paude-bench {}", env!("CARGO_PKG_VERSION"));
+}

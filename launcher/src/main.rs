@@ -1,0 +1,3 @@
+fn main() {
+    println!("paude-launch {}", env!("CARGO_PKG_VERSION"));
+}

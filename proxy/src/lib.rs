@@ -1,0 +1,1 @@
+//! paude-proxy: a filtering egress proxy.

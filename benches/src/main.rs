@@ -1,3 +1,152 @@
-fn main() {
-    println!("paude-bench {}", env!("CARGO_PKG_VERSION"));
+//! `paude-benches`: runs the side-by-side benchmark and writes `benches/RESULTS.md`.
+//!
+//! `run` builds paude-proxy in release mode (unless `--paude-bin` names a binary), runs the full
+//! plan and writes the report; `smoke` runs every scenario on every path for a moment and checks
+//! the harness produced sane results, without writing anything.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use paude_benches::driver::{self, Plan, Setup};
+use paude_benches::peers::PeerKind;
+use paude_benches::report;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Benchmark paude-proxy side by side with squid, tinyproxy and a direct connection"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Run the full benchmark (about five minutes) and write the results file.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Where to write the report.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/RESULTS.md"))]
+        out: PathBuf,
+    },
+    /// Run every scenario on every path for a moment and check the results are sane.
+    Smoke {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Serve the upstream echo server until standard input closes (used by the benchmark itself).
+    #[command(hide = true)]
+    EchoServer,
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// The paude-proxy binary to measure; by default it is built in release mode next to this one.
+    #[arg(long)]
+    paude_bin: Option<PathBuf>,
+    /// Which paths to measure (comma-separated: direct, paude-proxy, squid, tinyproxy).
+    #[arg(long, value_delimiter = ',', default_value = "direct,paude-proxy,squid,tinyproxy", value_parser = parse_peer)]
+    peers: Vec<PeerKind>,
+}
+
+fn parse_peer(name: &str) -> Result<PeerKind, String> {
+    PeerKind::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            format!("unknown peer {name:?}; use direct, paude-proxy, squid or tinyproxy")
+        })
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("paude-benches: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let (plan, common, out) = match cli.command {
+        Mode::Run { common, out } => (Plan::full(), common, Some(out)),
+        Mode::Smoke { common } => (Plan::smoke(), common, None),
+        Mode::EchoServer => {
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            return runtime.block_on(paude_benches::servers::serve_echo_until_stdin_closes());
+        }
+    };
+    let paude_bin = match common.paude_bin {
+        Some(path) => path,
+        None if common.peers.contains(&PeerKind::Paude) => build_paude()?,
+        None => PathBuf::new(),
+    };
+    let helper_bin = std::env::current_exe().context("cannot find this executable")?;
+    let setup = Setup {
+        paude_bin,
+        helper_bin,
+        peers: common.peers,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let results = runtime.block_on(driver::run(plan, &setup))?;
+    let text = report::render(&results, &now());
+    println!("{text}");
+    match out {
+        Some(path) => {
+            report::write_results(&path, &text)?;
+            eprintln!("paude-benches: wrote {}", path.display());
+        }
+        None => driver::check_sane(&results)?,
+    }
+    Ok(())
+}
+
+/// Builds paude-proxy in release mode into this binary's target directory and returns its path.
+fn build_paude() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let profile_dir = exe.parent().context("executable has no directory")?;
+    let target_dir = profile_dir
+        .parent()
+        .context("executable is not in a cargo target directory")?;
+    if profile_dir.file_name().and_then(|n| n.to_str()) != Some("release") {
+        bail!(
+            "run the benchmark in release mode (`cargo run --release -p paude-benches -- run`) \
+             or name a paude-proxy binary with --paude-bin"
+        );
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("paude-benches: building paude-proxy in release mode");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "paude-proxy", "--target-dir"])
+        .arg(target_dir)
+        .current_dir(workspace_dir())
+        .status()
+        .context("cannot run cargo to build paude-proxy")?;
+    if !status.success() {
+        bail!("`cargo build --release -p paude-proxy` failed; fix the build and rerun");
+    }
+    Ok(profile_dir.join("paude-proxy"))
+}
+
+fn workspace_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."))
+}
+
+fn now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "an unknown date".into())
 }

@@ -1,0 +1,454 @@
+//! The plan of a run and the loop that carries it out.
+//!
+//! All four paths are started once and stay up for the whole run. Each scenario is repeated for
+//! a number of rounds, and within a round the peers take turns in a rotating order, so slow
+//! drift of the machine (thermal, other work) hits every peer alike. Samples of the same
+//! scenario and peer are pooled across rounds.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::client::{self, Route, HOST};
+use crate::hello::client_hello;
+use crate::peers::{self, Peer, PeerConfig, PeerKind};
+use crate::scenarios::{self, IdleSample, Sample};
+use crate::servers;
+
+/// How much of everything a run does.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub name: &'static str,
+    pub rounds: usize,
+    /// Measured time of one scenario on one peer in one round.
+    pub duration: Duration,
+    pub tunnel_concurrency: Vec<usize>,
+    pub bulk_tunnels: Vec<usize>,
+    pub http_concurrency: usize,
+    pub deny_concurrency: usize,
+    /// Concurrency of the allowed tunnels measured with and without the denial flood.
+    pub flood_concurrency: usize,
+    pub flood_per_sec: u32,
+    pub idle_tunnels: usize,
+}
+
+impl Plan {
+    /// The full benchmark: about five minutes on two cores.
+    pub fn full() -> Self {
+        Plan {
+            name: "full",
+            rounds: 3,
+            duration: Duration::from_secs(2),
+            tunnel_concurrency: vec![1, 16, 256],
+            bulk_tunnels: vec![1, 8],
+            http_concurrency: 64,
+            deny_concurrency: 16,
+            flood_concurrency: 16,
+            flood_per_sec: 1000,
+            idle_tunnels: 10_000,
+        }
+    }
+
+    /// The smoke mode: every scenario on every path, for a fraction of a second each.
+    pub fn smoke() -> Self {
+        Plan {
+            name: "smoke",
+            rounds: 1,
+            duration: Duration::from_millis(300),
+            tunnel_concurrency: vec![1, 16],
+            bulk_tunnels: vec![1, 2],
+            http_concurrency: 8,
+            deny_concurrency: 4,
+            flood_concurrency: 4,
+            flood_per_sec: 200,
+            idle_tunnels: 100,
+        }
+    }
+}
+
+/// The machine the numbers were taken on.
+#[derive(Clone, Debug)]
+pub struct Machine {
+    pub cpus: usize,
+    pub kernel: String,
+    pub nofile_limit: u64,
+}
+
+/// Everything a run measured, keyed by scenario parameter and peer.
+#[derive(Debug)]
+pub struct Results {
+    pub plan: Plan,
+    pub machine: Machine,
+    pub versions: BTreeMap<PeerKind, String>,
+    pub tunnel: BTreeMap<(usize, PeerKind), Sample>,
+    pub bulk: BTreeMap<(usize, PeerKind), Sample>,
+    pub http: BTreeMap<PeerKind, Sample>,
+    pub deny: BTreeMap<PeerKind, Sample>,
+    pub flood_baseline: BTreeMap<PeerKind, Sample>,
+    pub flood_allowed: BTreeMap<PeerKind, Sample>,
+    pub flood_denied: BTreeMap<PeerKind, Sample>,
+    pub idle: BTreeMap<PeerKind, IdleSample>,
+}
+
+/// Where the paude-proxy binary is and which peers to include.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub paude_bin: PathBuf,
+    /// The `paude-benches` binary, which serves the echo server in a process of its own.
+    pub helper_bin: PathBuf,
+    pub peers: Vec<PeerKind>,
+}
+
+/// The peers in the order they take their turn in `round`.
+fn rotation(peers: &[PeerKind], round: usize) -> Vec<PeerKind> {
+    let mut order = peers.to_vec();
+    if !order.is_empty() {
+        let shift = round % order.len();
+        order.rotate_left(shift);
+    }
+    order
+}
+
+fn machine(nofile_limit: u64) -> Machine {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    Machine {
+        cpus,
+        kernel,
+        nofile_limit,
+    }
+}
+
+/// Descriptors a proxy keeps for its listener, logs, libraries and the tunnels of other scenarios
+/// still closing when the idle scenario starts.
+const IDLE_RESERVE: u64 = 200;
+
+/// Raises the descriptor limit so the idle scenario's tunnels fit (the peers inherit it).
+fn raise_nofile(wanted: u64) -> u64 {
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        if hard < wanted {
+            // Only root may raise the hard limit; if that fails, the soft limit is raised to the hard one.
+            let _ = rlimit::Resource::NOFILE.set(wanted, wanted);
+        }
+    }
+    rlimit::increase_nofile_limit(wanted).unwrap_or(0)
+}
+
+/// Carries out `plan` on the peers of `setup` and returns all samples.
+pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
+    // Each idle tunnel costs a proxy two descriptors (client and upstream side); the peers
+    // inherit this process's limit.
+    let nofile = raise_nofile((plan.idle_tunnels as u64) * 2 + IDLE_RESERVE);
+    let mut plan = plan;
+    let fit = (nofile.saturating_sub(IDLE_RESERVE) / 2) as usize;
+    if fit < plan.idle_tunnels {
+        eprintln!(
+            "bench: the descriptor limit (ulimit -Hn) is {nofile}: a proxy fits only {fit} idle tunnels, not {}",
+            plan.idle_tunnels
+        );
+        plan.idle_tunnels = fit;
+    }
+
+    let echo = servers::spawn_echo_process(&setup.helper_bin).await?;
+    let origin = servers::start_origin().await?;
+    let config = PeerConfig {
+        paude_bin: setup.paude_bin.clone(),
+        echo: echo.addr,
+        origin: origin.addr,
+        max_connections: plan.idle_tunnels + 1024,
+    };
+    let mut running: BTreeMap<PeerKind, Peer> = BTreeMap::new();
+    for kind in &setup.peers {
+        let peer = peers::start(*kind, &config)
+            .await
+            .with_context(|| format!("cannot start {}", kind.name()))?;
+        running.insert(*kind, peer);
+    }
+    let hello: Arc<[u8]> = client_hello(HOST).into();
+
+    for peer in running.values() {
+        check_path(peer, echo.addr, origin.addr, &hello).await?;
+    }
+
+    let mut results = Results {
+        plan: plan.clone(),
+        machine: machine(nofile),
+        versions: running
+            .iter()
+            .map(|(k, p)| (*k, p.version.clone()))
+            .collect(),
+        tunnel: BTreeMap::new(),
+        bulk: BTreeMap::new(),
+        http: BTreeMap::new(),
+        deny: BTreeMap::new(),
+        flood_baseline: BTreeMap::new(),
+        flood_allowed: BTreeMap::new(),
+        flood_denied: BTreeMap::new(),
+        idle: BTreeMap::new(),
+    };
+    let kinds: Vec<PeerKind> = running.keys().copied().collect();
+    let proxies: Vec<PeerKind> = kinds
+        .iter()
+        .copied()
+        .filter(|k| *k != PeerKind::Direct)
+        .collect();
+    let d = plan.duration;
+
+    for &c in &plan.tunnel_concurrency {
+        for round in 0..plan.rounds {
+            for kind in rotation(&kinds, round) {
+                let peer = alive(&mut running, kind)?;
+                let sample =
+                    scenarios::tunnel_rate(peer.route, echo.addr, hello.clone(), c, d).await;
+                progress(
+                    &format!("tunnels c={c}"),
+                    kind,
+                    round,
+                    &sample,
+                    sample.ops_per_sec(),
+                    "tunnels/s",
+                );
+                results.tunnel.entry((c, kind)).or_default().merge(sample);
+            }
+        }
+    }
+    for &n in &plan.bulk_tunnels {
+        for round in 0..plan.rounds {
+            for kind in rotation(&kinds, round) {
+                let peer = alive(&mut running, kind)?;
+                let sample = scenarios::bulk(peer.route, echo.addr, hello.clone(), n, d).await;
+                progress(
+                    &format!("bulk x{n}"),
+                    kind,
+                    round,
+                    &sample,
+                    sample.gib_per_sec(),
+                    "GiB/s",
+                );
+                results.bulk.entry((n, kind)).or_default().merge(sample);
+            }
+        }
+    }
+    for round in 0..plan.rounds {
+        for kind in rotation(&kinds, round) {
+            let peer = alive(&mut running, kind)?;
+            let sample = scenarios::http(peer.route, origin.addr, plan.http_concurrency, d).await;
+            progress("http", kind, round, &sample, sample.ops_per_sec(), "req/s");
+            results.http.entry(kind).or_default().merge(sample);
+        }
+    }
+    for round in 0..plan.rounds {
+        for kind in rotation(&proxies, round) {
+            let peer = alive(&mut running, kind)?;
+            let Route::Proxy(addr) = peer.route else {
+                continue;
+            };
+            let sample = scenarios::denials(addr, plan.deny_concurrency, d).await;
+            progress(
+                "denials",
+                kind,
+                round,
+                &sample,
+                sample.ops_per_sec(),
+                "refusals/s",
+            );
+            results.deny.entry(kind).or_default().merge(sample);
+        }
+    }
+    for round in 0..plan.rounds {
+        for kind in rotation(&proxies, round) {
+            let peer = alive(&mut running, kind)?;
+            let route = peer.route;
+            let c = plan.flood_concurrency;
+            let base = scenarios::tunnel_rate(route, echo.addr, hello.clone(), c, d).await;
+            progress(
+                "flood baseline",
+                kind,
+                round,
+                &base,
+                base.ops_per_sec(),
+                "tunnels/s",
+            );
+            let (allowed, denied) = scenarios::tunnel_rate_under_flood(
+                route,
+                echo.addr,
+                hello.clone(),
+                c,
+                plan.flood_per_sec,
+                d,
+            )
+            .await;
+            progress(
+                "flood allowed",
+                kind,
+                round,
+                &allowed,
+                allowed.ops_per_sec(),
+                "tunnels/s",
+            );
+            progress(
+                "flood denied",
+                kind,
+                round,
+                &denied,
+                denied.ops_per_sec(),
+                "refusals/s",
+            );
+            results.flood_baseline.entry(kind).or_default().merge(base);
+            results
+                .flood_allowed
+                .entry(kind)
+                .or_default()
+                .merge(allowed);
+            results.flood_denied.entry(kind).or_default().merge(denied);
+        }
+    }
+    for kind in proxies {
+        let peer = alive(&mut running, kind)?;
+        let pid = peer.pid().context("a proxy peer has no process id")?;
+        let route = peer.route;
+        let sample =
+            scenarios::idle(route, echo.addr, hello.clone(), plan.idle_tunnels, pid).await?;
+        eprintln!(
+            "bench: idle {:<12} {} of {} tunnels open, rss {} -> {} KiB{}",
+            kind.name(),
+            sample.opened,
+            sample.requested,
+            sample.rss_before_kib,
+            sample.rss_after_kib,
+            sample
+                .first_error
+                .as_deref()
+                .map(|e| format!(" (first error: {e})"))
+                .unwrap_or_default()
+        );
+        results.idle.insert(kind, sample);
+        // Let the closed tunnels drain before the next peer is measured.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for kind in kinds {
+        alive(&mut running, kind)?;
+    }
+    Ok(results)
+}
+
+fn alive(running: &mut BTreeMap<PeerKind, Peer>, kind: PeerKind) -> anyhow::Result<&mut Peer> {
+    let peer = running
+        .get_mut(&kind)
+        .with_context(|| format!("{} is not running", kind.name()))?;
+    peer.check_alive()?;
+    Ok(peer)
+}
+
+/// One tunnel, one GET and one refusal through `peer`, so a misconfigured peer fails the run at
+/// once with a clear message instead of producing a table of errors.
+async fn check_path(
+    peer: &Peer,
+    echo: std::net::SocketAddr,
+    origin: std::net::SocketAddr,
+    hello: &[u8],
+) -> anyhow::Result<()> {
+    let name = peer.kind.name();
+    let limit = Duration::from_secs(10);
+    tokio::time::timeout(limit, client::open_tunnel(peer.route, echo, hello))
+        .await
+        .with_context(|| format!("{name}: a tunnel to the echo server timed out"))?
+        .with_context(|| format!("{name}: cannot open a tunnel to the echo server"))?;
+    tokio::time::timeout(limit, client::HttpClient::new(peer.route, origin).get())
+        .await
+        .with_context(|| format!("{name}: a GET to the origin timed out"))?
+        .with_context(|| format!("{name}: cannot GET from the origin"))?;
+    if let Route::Proxy(addr) = peer.route {
+        tokio::time::timeout(limit, client::denied_connect(addr))
+            .await
+            .with_context(|| format!("{name}: a denied CONNECT timed out"))?
+            .with_context(|| format!("{name}: does not refuse a CONNECT to a denied host"))?;
+    }
+    Ok(())
+}
+
+fn progress(scenario: &str, kind: PeerKind, round: usize, sample: &Sample, value: f64, unit: &str) {
+    let errors = match (&sample.first_error, sample.errors) {
+        (Some(first), n) if n > 0 => format!(" ({n} errors, first: {first})"),
+        _ => String::new(),
+    };
+    eprintln!(
+        "bench: {scenario:<15} {:<12} round {round}: {value:>10.2} {unit}{errors}",
+        kind.name()
+    );
+}
+
+/// Checks that a smoke run produced sane, non-zero results for every peer and scenario.
+pub fn check_sane(results: &Results) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    let mut idle_problems = Vec::new();
+    let mut check = |what: String, sample: Option<&Sample>, need_bytes: bool| match sample {
+        None => problems.push(format!("{what}: no sample")),
+        Some(s) if s.ops == 0 => problems.push(format!(
+            "{what}: no completed operation ({:?})",
+            s.first_error
+        )),
+        Some(s) if need_bytes && s.bytes == 0 => problems.push(format!("{what}: no bytes echoed")),
+        Some(s) if s.errors > 0 => problems.push(format!(
+            "{what}: {} errors, first: {:?}",
+            s.errors, s.first_error
+        )),
+        Some(_) => {}
+    };
+    for kind in results.versions.keys().copied() {
+        let name = kind.name();
+        for &c in &results.plan.tunnel_concurrency {
+            check(
+                format!("{name} tunnels c={c}"),
+                results.tunnel.get(&(c, kind)),
+                false,
+            );
+        }
+        for &n in &results.plan.bulk_tunnels {
+            check(
+                format!("{name} bulk x{n}"),
+                results.bulk.get(&(n, kind)),
+                true,
+            );
+        }
+        check(format!("{name} http"), results.http.get(&kind), false);
+        if kind != PeerKind::Direct {
+            check(format!("{name} denials"), results.deny.get(&kind), false);
+            check(
+                format!("{name} flood baseline"),
+                results.flood_baseline.get(&kind),
+                false,
+            );
+            check(
+                format!("{name} flood allowed"),
+                results.flood_allowed.get(&kind),
+                false,
+            );
+            check(
+                format!("{name} flood denied"),
+                results.flood_denied.get(&kind),
+                false,
+            );
+            match results.idle.get(&kind) {
+                Some(idle) if idle.opened == idle.requested && idle.rss_after_kib > 0 => {}
+                other => idle_problems.push(format!("{name} idle: {other:?}")),
+            }
+        }
+    }
+    problems.extend(idle_problems);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "the benchmark harness produced unusable results:\n{}",
+            problems.join("\n")
+        )
+    }
+}

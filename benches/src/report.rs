@@ -1,0 +1,416 @@
+//! Turns a run's samples into the summary table, the ratios, the targets and `RESULTS.md`.
+//!
+//! The report is plain Markdown so the same text is printed and committed. A hand-written
+//! analysis below the marker line of an existing `RESULTS.md` is kept when the file is rewritten.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::driver::Results;
+use crate::peers::PeerKind;
+use crate::scenarios::Sample;
+
+/// Everything below this line in `RESULTS.md` is written by hand and survives a rerun.
+pub const ANALYSIS_MARKER: &str =
+    "<!-- analysis: written by hand, kept when the benchmark rewrites this file -->";
+
+/// One row of the summary: a metric's value on each peer.
+struct Row {
+    metric: String,
+    values: BTreeMap<PeerKind, f64>,
+    /// True when more is better (rates), false when less is better (latency, memory).
+    higher_is_better: bool,
+    decimals: usize,
+}
+
+fn rows(results: &Results) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut add =
+        |metric: String, higher: bool, decimals: usize, values: BTreeMap<PeerKind, f64>| {
+            rows.push(Row {
+                metric,
+                values,
+                higher_is_better: higher,
+                decimals,
+            });
+        };
+    let each = |map: &BTreeMap<PeerKind, Sample>, f: &dyn Fn(&Sample) -> Option<f64>| {
+        map.iter()
+            .filter_map(|(k, s)| f(s).map(|v| (*k, v)))
+            .collect::<BTreeMap<_, _>>()
+    };
+    for &c in &results.plan.tunnel_concurrency {
+        let at: BTreeMap<PeerKind, Sample> = results
+            .tunnel
+            .iter()
+            .filter(|((cc, _), _)| *cc == c)
+            .map(|((_, k), s)| (*k, s.clone()))
+            .collect();
+        add(
+            format!("tunnels/s, concurrency {c}"),
+            true,
+            0,
+            each(&at, &|s| Some(s.ops_per_sec())),
+        );
+        add(
+            format!("setup p50 µs, concurrency {c}"),
+            false,
+            0,
+            each(&at, &|s| s.quantile_us(0.5)),
+        );
+        add(
+            format!("setup p99 µs, concurrency {c}"),
+            false,
+            0,
+            each(&at, &|s| s.quantile_us(0.99)),
+        );
+    }
+    for &n in &results.plan.bulk_tunnels {
+        let at: BTreeMap<PeerKind, Sample> = results
+            .bulk
+            .iter()
+            .filter(|((nn, _), _)| *nn == n)
+            .map(|((_, k), s)| (*k, s.clone()))
+            .collect();
+        let label = if n == 1 {
+            "1 tunnel".to_string()
+        } else {
+            format!("{n} tunnels")
+        };
+        add(
+            format!("bulk GiB/s echoed, {label}"),
+            true,
+            3,
+            each(&at, &|s| Some(s.gib_per_sec())),
+        );
+    }
+    let c = results.plan.http_concurrency;
+    add(
+        format!("HTTP GET req/s, concurrency {c}"),
+        true,
+        0,
+        each(&results.http, &|s| Some(s.ops_per_sec())),
+    );
+    add(
+        format!("HTTP GET p99 µs, concurrency {c}"),
+        false,
+        0,
+        each(&results.http, &|s| s.quantile_us(0.99)),
+    );
+    add(
+        format!(
+            "refused CONNECTs/s, concurrency {}",
+            results.plan.deny_concurrency
+        ),
+        true,
+        0,
+        each(&results.deny, &|s| Some(s.ops_per_sec())),
+    );
+    let fc = results.plan.flood_concurrency;
+    add(
+        format!("tunnels/s c={fc}, no flood"),
+        true,
+        0,
+        each(&results.flood_baseline, &|s| Some(s.ops_per_sec())),
+    );
+    add(
+        format!(
+            "tunnels/s c={fc}, {}/s denial flood",
+            results.plan.flood_per_sec
+        ),
+        true,
+        0,
+        each(&results.flood_allowed, &|s| Some(s.ops_per_sec())),
+    );
+    add(
+        "denials/s the flood achieved".into(),
+        true,
+        0,
+        each(&results.flood_denied, &|s| Some(s.ops_per_sec())),
+    );
+    let idle: BTreeMap<PeerKind, f64> = results
+        .idle
+        .iter()
+        .filter_map(|(k, s)| s.kib_per_tunnel().map(|v| (*k, v)))
+        .collect();
+    add(
+        format!(
+            "RSS KiB per idle tunnel ({} open)",
+            results.plan.idle_tunnels
+        ),
+        false,
+        2,
+        idle,
+    );
+    rows
+}
+
+fn fmt(value: Option<f64>, decimals: usize) -> String {
+    match value {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "—".into(),
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}×", a / b),
+        _ => "—".into(),
+    }
+}
+
+/// A target from the issue, evaluated on this run.
+pub struct Target {
+    pub name: &'static str,
+    pub measured: String,
+    pub required: &'static str,
+    pub met: Option<bool>,
+}
+
+/// Evaluates the targets; a target whose inputs are missing is neither met nor missed.
+pub fn targets(results: &Results) -> Vec<Target> {
+    use PeerKind::*;
+    let tunnel = |c: usize, k: PeerKind| results.tunnel.get(&(c, k));
+    let rate = |c: usize, k: PeerKind| tunnel(c, k).map(|s| s.ops_per_sec());
+    let p50 = |k: PeerKind| tunnel(1, k).and_then(|s| s.quantile_us(0.5));
+    let mut out = Vec::new();
+
+    let r = rate(16, Paude).zip(rate(16, Squid)).map(|(p, s)| p / s);
+    out.push(Target {
+        name: "tunnel rate at concurrency 16 vs squid",
+        measured: r.map(|r| format!("{r:.2}× squid")).unwrap_or("—".into()),
+        required: "≥ 2.5× squid",
+        met: r.map(|r| r >= 2.5),
+    });
+
+    let added = p50(Paude)
+        .zip(p50(Squid))
+        .zip(p50(Direct))
+        .map(|((p, s), d)| (p - d, s - d));
+    out.push(Target {
+        name: "added p50 setup latency at concurrency 1",
+        measured: added
+            .map(|(p, s)| format!("+{p:.0} µs vs squid's +{s:.0} µs ({:.2} of it)", p / s))
+            .unwrap_or("—".into()),
+        required: "≤ ⅓ of squid's added p50",
+        met: added.map(|(p, s)| p <= s / 3.0),
+    });
+
+    let bulk = |k: PeerKind| results.bulk.get(&(1, k)).map(|s| s.gib_per_sec());
+    let r = bulk(Paude).zip(bulk(Direct)).map(|(p, d)| p / d);
+    out.push(Target {
+        name: "bulk throughput, one tunnel, vs direct",
+        measured: r.map(|r| format!("{r:.2}× direct")).unwrap_or("—".into()),
+        required: "≥ 0.9× direct",
+        met: r.map(|r| r >= 0.9),
+    });
+
+    let http = |k: PeerKind| results.http.get(&k).map(|s| s.ops_per_sec());
+    let r = http(Paude).zip(http(Squid)).map(|(p, s)| p / s);
+    out.push(Target {
+        name: "plain HTTP forwarding req/s vs squid",
+        measured: r.map(|r| format!("{r:.2}× squid")).unwrap_or("—".into()),
+        required: "≥ 2× squid",
+        met: r.map(|r| r >= 2.0),
+    });
+
+    let idle = |k: PeerKind| results.idle.get(&k).and_then(|s| s.kib_per_tunnel());
+    let r = idle(Paude).zip(idle(Squid)).map(|(p, s)| p / s);
+    out.push(Target {
+        name: "memory per idle tunnel vs squid",
+        measured: r
+            .map(|r| format!("{r:.2} of squid's"))
+            .unwrap_or("—".into()),
+        required: "≤ ⅓ of squid's",
+        met: r.map(|r| r <= 1.0 / 3.0),
+    });
+
+    let base = results.flood_baseline.get(&Paude).map(|s| s.ops_per_sec());
+    let flooded = results.flood_allowed.get(&Paude).map(|s| s.ops_per_sec());
+    let achieved = results.flood_denied.get(&Paude).map(|s| s.ops_per_sec());
+    let r = base.zip(flooded).map(|(b, f)| f / b);
+    let flood = results.plan.flood_per_sec;
+    out.push(Target {
+        name: "allowed tunnel rate under a 1,000/s denial flood",
+        measured: r
+            .zip(achieved)
+            .map(|(r, a)| format!("{:+.1}% (flood achieved {a:.0}/s)", (r - 1.0) * 100.0))
+            .unwrap_or("—".into()),
+        required: "drop ≤ 10%",
+        met: r
+            .zip(achieved)
+            .map(|(r, a)| r >= 0.9 && a >= 0.9 * flood as f64),
+    });
+    out
+}
+
+/// Renders the whole report as Markdown.
+pub fn render(results: &Results, date: &str) -> String {
+    let peers: Vec<PeerKind> = results.versions.keys().copied().collect();
+    let mut out = String::new();
+    let m = &results.machine;
+    let p = &results.plan;
+    let _ = writeln!(out, "# Benchmark results\n");
+    let _ = writeln!(
+        out,
+        "Generated by `cargo run --release -p paude-benches -- run` ({} plan) on {date}.\n",
+        p.name
+    );
+    let _ = writeln!(
+        out,
+        "- machine: {} CPUs, Linux {}, descriptor limit {}",
+        m.cpus, m.kernel, m.nofile_limit
+    );
+    for (kind, version) in &results.versions {
+        let _ = writeln!(out, "- {}: {version}", kind.name());
+    }
+    let _ = writeln!(
+        out,
+        "- plan: {} rounds of {:.1} s per scenario and peer, peers interleaved in rotating order; \
+         load generator, upstream servers and proxies share the same machine\n",
+        p.rounds,
+        p.duration.as_secs_f64()
+    );
+
+    let rows = rows(results);
+    let _ = writeln!(out, "## Results\n");
+    let _ = write!(out, "| metric |");
+    for k in &peers {
+        let _ = write!(out, " {} |", k.name());
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in &peers {
+        let _ = write!(out, "---:|");
+    }
+    out.push('\n');
+    for row in &rows {
+        let _ = write!(out, "| {} |", row.metric);
+        for k in &peers {
+            let _ = write!(out, " {} |", fmt(row.values.get(k).copied(), row.decimals));
+        }
+        out.push('\n');
+    }
+
+    let _ = writeln!(out, "\n## Ratios\n");
+    let _ = writeln!(
+        out,
+        "Each peer's value divided by paude-proxy's and by direct's (for rates higher is better, \
+         for latency and memory lower is better).\n"
+    );
+    let others: Vec<PeerKind> = peers
+        .iter()
+        .copied()
+        .filter(|k| *k != PeerKind::Paude)
+        .collect();
+    let _ = write!(out, "| metric | better |");
+    for k in &others {
+        let _ = write!(out, " {} ÷ paude-proxy |", k.name());
+    }
+    for k in peers.iter().filter(|k| **k != PeerKind::Direct) {
+        let _ = write!(out, " {} ÷ direct |", k.name());
+    }
+    let columns = others.len() + peers.iter().filter(|k| **k != PeerKind::Direct).count();
+    let _ = writeln!(out, "\n|---|---|{}", "---:|".repeat(columns));
+    for row in &rows {
+        let better = if row.higher_is_better {
+            "higher"
+        } else {
+            "lower"
+        };
+        let _ = write!(out, "| {} | {better} |", row.metric);
+        let paude = row.values.get(&PeerKind::Paude).copied();
+        let direct = row.values.get(&PeerKind::Direct).copied();
+        for k in &others {
+            let _ = write!(out, " {} |", ratio(row.values.get(k).copied(), paude));
+        }
+        for k in peers.iter().filter(|k| **k != PeerKind::Direct) {
+            let _ = write!(out, " {} |", ratio(row.values.get(k).copied(), direct));
+        }
+        out.push('\n');
+    }
+
+    let _ = writeln!(
+        out,
+        "\n## Targets\n\n| target | measured | required | result |\n|---|---|---|---|"
+    );
+    for t in targets(results) {
+        let verdict = match t.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {verdict} |",
+            t.name, t.measured, t.required
+        );
+    }
+
+    let errors: Vec<String> = errors(results);
+    if !errors.is_empty() {
+        let _ = writeln!(out, "\n## Errors during the run\n");
+        for e in errors {
+            let _ = writeln!(out, "- {e}");
+        }
+    }
+    out
+}
+
+fn errors(results: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut note = |what: String, s: &Sample| {
+        if s.errors > 0 {
+            out.push(format!(
+                "{what}: {} of {} failed, first: {}",
+                s.errors,
+                s.ops + s.errors,
+                s.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+    };
+    for ((c, k), s) in &results.tunnel {
+        note(format!("{} tunnels c={c}", k.name()), s);
+    }
+    for ((n, k), s) in &results.bulk {
+        note(format!("{} bulk x{n}", k.name()), s);
+    }
+    for (label, map) in [
+        ("http", &results.http),
+        ("denials", &results.deny),
+        ("flood baseline", &results.flood_baseline),
+        ("flood allowed", &results.flood_allowed),
+        ("flood denied", &results.flood_denied),
+    ] {
+        for (k, s) in map {
+            note(format!("{} {label}", k.name()), s);
+        }
+    }
+    for (k, s) in &results.idle {
+        if s.opened < s.requested {
+            out.push(format!(
+                "{} idle: opened {} of {}, first error: {}",
+                k.name(),
+                s.opened,
+                s.requested,
+                s.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    out
+}
+
+/// Writes `report` to `path`, keeping the hand-written analysis of the file it replaces.
+pub fn write_results(path: &Path, report: &str) -> anyhow::Result<()> {
+    let kept = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|old| {
+            old.split_once(ANALYSIS_MARKER)
+                .map(|(_, rest)| rest.to_string())
+        })
+        .unwrap_or_else(|| "\n\n## Analysis\n\nNot written yet.\n".into());
+    let text = format!("{report}\n{ANALYSIS_MARKER}{kept}");
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -1,0 +1,333 @@
+//! One measurement: one scenario through one path for a bounded time.
+//!
+//! Every scenario spawns its workers on the shared runtime, runs until a deadline, and returns
+//! a [`Sample`] of counts and latencies. Each operation is itself under a timeout, so a stuck
+//! peer shows up as errors instead of stalling the run.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+
+use crate::client::{denied_connect, open_tunnel, HttpClient, Route};
+
+/// The longest one operation may take before it counts as an error.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one scenario run through one path produced.
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    /// Completed operations (tunnels, requests, refusals).
+    pub ops: u64,
+    /// Bytes echoed back (bulk scenarios only).
+    pub bytes: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// The first failure, to explain a non-zero error count.
+    pub first_error: Option<String>,
+    /// Measured wall time.
+    pub elapsed: Duration,
+    /// Per-operation latency in microseconds.
+    pub latencies_us: Vec<u32>,
+}
+
+impl Sample {
+    /// Adds another run of the same scenario on the same path.
+    pub fn merge(&mut self, other: Sample) {
+        self.ops += other.ops;
+        self.bytes += other.bytes;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+        self.elapsed += other.elapsed;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn gib_per_sec(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / (1u64 << 30) as f64
+    }
+
+    /// The `q`-quantile (0..=1) of the latencies, in microseconds.
+    pub fn quantile_us(&self, q: f64) -> Option<f64> {
+        if self.latencies_us.is_empty() {
+            return None;
+        }
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+        Some(sorted[index] as f64)
+    }
+
+    fn record_error(&mut self, error: anyhow::Error) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!("{error:#}"));
+        }
+    }
+}
+
+async fn run_op<F, T>(sample: &mut Sample, op: F) -> Option<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let start = Instant::now();
+    let result = match timeout(OP_TIMEOUT, op).await {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!("operation timed out after {OP_TIMEOUT:?}")),
+    };
+    match result {
+        Ok(value) => {
+            sample.ops += 1;
+            sample
+                .latencies_us
+                .push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            Some(value)
+        }
+        Err(error) => {
+            sample.record_error(error);
+            // Back off briefly so a refusing peer is not hammered in a tight loop.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            None
+        }
+    }
+}
+
+async fn join_all(mut set: JoinSet<Sample>, started: Instant) -> Sample {
+    let mut total = Sample::default();
+    while let Some(result) = set.join_next().await {
+        match result {
+            Ok(sample) => total.merge(sample),
+            Err(error) => total.record_error(anyhow::anyhow!("worker failed: {error}")),
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+/// Tunnels per second: each worker opens a tunnel, does one echo round trip, closes it, repeats.
+/// Latency is from the start of the TCP connect to the echoed ClientHello.
+pub async fn tunnel_rate(
+    route: Route,
+    echo: SocketAddr,
+    hello: Arc<[u8]>,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        let hello = hello.clone();
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            while Instant::now() < deadline {
+                run_op(&mut sample, open_tunnel(route, echo, &hello)).await;
+            }
+            sample
+        });
+    }
+    join_all(set, started).await
+}
+
+/// Bulk throughput: `tunnels` tunnels each stream data to the echo server and count what comes
+/// back, for `duration` after all of them are open.
+pub async fn bulk(
+    route: Route,
+    echo: SocketAddr,
+    hello: Arc<[u8]>,
+    tunnels: usize,
+    duration: Duration,
+) -> Sample {
+    let mut streams = Vec::new();
+    let mut setup = Sample::default();
+    for _ in 0..tunnels {
+        if let Some(stream) = run_op(&mut setup, open_tunnel(route, echo, &hello)).await {
+            streams.push(stream);
+        }
+    }
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + duration);
+    let mut set = JoinSet::new();
+    for stream in streams {
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            let (mut reader, mut writer) = stream.into_split();
+            let send = tokio::spawn(async move {
+                let block = vec![0x5a_u8; 128 * 1024];
+                while tokio::time::timeout_at(deadline, writer.write_all(&block))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {}
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, reader.read(&mut buf)).await {
+                if n == 0 {
+                    sample.record_error(anyhow::anyhow!("tunnel closed during the bulk transfer"));
+                    break;
+                }
+                sample.bytes += n as u64;
+            }
+            send.abort();
+            sample.ops = 1;
+            sample
+        });
+    }
+    let mut total = join_all(set, started).await;
+    total.errors += setup.errors;
+    total.first_error = total.first_error.or(setup.first_error);
+    total
+}
+
+/// Plain HTTP forwarding: `concurrency` keep-alive connections each send GETs back to back.
+pub async fn http(
+    route: Route,
+    origin: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            let mut client = HttpClient::new(route, origin);
+            while Instant::now() < deadline {
+                if run_op(&mut sample, client.get()).await.is_none() {
+                    client = HttpClient::new(route, origin);
+                }
+            }
+            sample
+        });
+    }
+    join_all(set, started).await
+}
+
+/// Denial cost: `concurrency` workers ask for tunnels to the denied host as fast as refused.
+pub async fn denials(proxy: SocketAddr, concurrency: usize, duration: Duration) -> Sample {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut set = JoinSet::new();
+    for _ in 0..concurrency {
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            while Instant::now() < deadline {
+                run_op(&mut sample, denied_connect(proxy)).await;
+            }
+            sample
+        });
+    }
+    join_all(set, started).await
+}
+
+/// Allowed tunnel rate at `concurrency` while a paced flood of `per_sec` denied CONNECTs hits
+/// the same proxy. Returns the allowed tunnels' sample and the flood's.
+pub async fn tunnel_rate_under_flood(
+    route: Route,
+    echo: SocketAddr,
+    hello: Arc<[u8]>,
+    concurrency: usize,
+    per_sec: u32,
+    duration: Duration,
+) -> (Sample, Sample) {
+    let Route::Proxy(proxy) = route else {
+        return (
+            tunnel_rate(route, echo, hello, concurrency, duration).await,
+            Sample::default(),
+        );
+    };
+    let flood = tokio::spawn(async move {
+        let started = Instant::now();
+        let deadline = started + duration;
+        let mut ticker = tokio::time::interval(Duration::from_secs(1) / per_sec.max(1));
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+        let mut set = JoinSet::new();
+        while Instant::now() < deadline {
+            ticker.tick().await;
+            // A flood that cannot get a slot is dropped rather than queued: the pacing stays honest.
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                continue;
+            };
+            set.spawn(async move {
+                let mut sample = Sample::default();
+                run_op(&mut sample, denied_connect(proxy)).await;
+                drop(permit);
+                sample
+            });
+        }
+        join_all(set, started).await
+    });
+    let allowed = tunnel_rate(route, echo, hello, concurrency, duration).await;
+    let flood = flood.await.unwrap_or_default();
+    (allowed, flood)
+}
+
+/// What the idle scenario found.
+#[derive(Clone, Debug, Default)]
+pub struct IdleSample {
+    pub requested: usize,
+    pub opened: usize,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+}
+
+impl IdleSample {
+    pub fn kib_per_tunnel(&self) -> Option<f64> {
+        (self.opened > 0).then(|| {
+            self.rss_after_kib.saturating_sub(self.rss_before_kib) as f64 / self.opened as f64
+        })
+    }
+}
+
+/// Idle cost: opens `count` guarded tunnels, leaves them idle, and measures the resident memory
+/// of the peer's processes before and after.
+pub async fn idle(
+    route: Route,
+    echo: SocketAddr,
+    hello: Arc<[u8]>,
+    count: usize,
+    pid: u32,
+) -> anyhow::Result<IdleSample> {
+    let mut result = IdleSample {
+        requested: count,
+        ..IdleSample::default()
+    };
+    result.rss_before_kib = crate::peers::tree_rss_kib(pid)?;
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut set = JoinSet::new();
+    for _ in 0..count {
+        let hello = hello.clone();
+        let permit = gate.clone().acquire_owned().await?;
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            let stream = run_op(&mut sample, open_tunnel(route, echo, &hello)).await;
+            drop(permit);
+            (stream, sample)
+        });
+    }
+    let mut streams = Vec::with_capacity(count);
+    while let Some(joined) = set.join_next().await {
+        let (stream, sample) = joined?;
+        result.errors += sample.errors;
+        if result.first_error.is_none() {
+            result.first_error = sample.first_error;
+        }
+        streams.extend(stream);
+    }
+    result.opened = streams.len();
+    // Let the peer settle (deferred allocations, buffer trimming) before reading its memory.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    result.rss_after_kib = crate::peers::tree_rss_kib(pid)?;
+    drop(streams);
+    Ok(result)
+}

@@ -1,0 +1,71 @@
+//! The benchmark's smoke mode, run as a test: every scenario on every path for a moment.
+//!
+//! It starts the real `paude-benches` binary, which starts the real peers (paude-proxy from this
+//! workspace, squid, tinyproxy) and the upstream servers on 127.0.0.1, and checks the harness
+//! produced sane, non-zero results for each. It never asserts on speed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The paude-proxy binary `cargo test --workspace` builds next to this test's directory.
+fn paude_proxy_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test runs from target/<profile>/deps");
+    let bin = profile_dir.join("paude-proxy");
+    assert!(
+        bin.is_file(),
+        "paude-proxy binary not found at {}; build it with `cargo build -p paude-proxy` \
+         (`cargo test --workspace` builds it)",
+        bin.display()
+    );
+    bin
+}
+
+const PEERS: &str = "direct,squid,tinyproxy";
+
+#[tokio::test]
+async fn smoke_mode_measures_every_scenario_on_every_path() {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_paude-benches"));
+    command.args(["smoke", "--peers", PEERS]).kill_on_drop(true);
+    if PEERS.contains("paude-proxy") {
+        command.arg("--paude-bin").arg(paude_proxy_bin());
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the smoke run finished within 120 s")
+        .expect("paude-benches ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "smoke run failed:\n{stderr}\n{stdout}"
+    );
+
+    // The report has one column per path and a number in every cell of the tunnel-rate row.
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("| metric | direct |"))
+        .expect("results table header");
+    for peer in PEERS.split(',') {
+        assert!(header.contains(peer), "no column for {peer}: {header}");
+    }
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| tunnels/s, concurrency 1 |"))
+        .expect("tunnel rate row");
+    let cells: Vec<f64> = row
+        .split('|')
+        .skip(2)
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| {
+            c.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("non-numeric cell in {row}"))
+        })
+        .collect();
+    assert_eq!(cells.len(), PEERS.split(',').count(), "{row}");
+    assert!(cells.iter().all(|v| *v > 0.0), "{row}");
+}

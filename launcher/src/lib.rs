@@ -1,0 +1,16 @@
+//! paude-launch: runs AI coding agents in a container whose only way out is paude-proxy.
+//!
+//! Module map: `cli` (flags as parsed) → `spec` (validated request) → `plan` (everything
+//! decided, pure) with `agents` (agents as data) and `images` (build contexts and input
+//! hashes) → `backend` (the `Backend` trait; `podman`, `openshift`) applies a plan; `app` runs
+//! the verbs; `git` syncs the user's repository with a session. `main.rs` only parses the
+//! command line and maps the result to an exit code.
+
+pub mod agents;
+pub mod app;
+pub mod backend;
+pub mod cli;
+pub mod git;
+pub mod images;
+pub mod plan;
+pub mod spec;

@@ -1,1 +1,103 @@
-//! paude-proxy: a filtering egress proxy.
+//! paude-proxy: a filtering egress proxy (HTTP CONNECT tunnels and plain HTTP forwarding)
+//! that lets a sandbox reach only allowlisted hosts.
+//!
+//! A request takes four hops, and the modules follow them:
+//!
+//! - [`server`]: accept loop, connection limit, graceful shutdown; the shared [`server::Core`].
+//! - [`handler`]: one request: parse the target ([`host`]), ask the [`policy`], then
+//!   [`tunnel`] for CONNECT or [`forward`] for absolute-form HTTP.
+//! - [`tunnel`]: the SNI guard ([`tls`]) on the first bytes, then a byte copy both ways.
+//! - [`forward`]: the pooled HTTP/1 client, hop-by-hop header stripping.
+//! - [`connect`]: the only outbound socket: resolve once ([`dns`]), check every address, dial
+//!   the checked address.
+//!
+//! Around them: [`config`] (flags and TOML into typed settings), [`error`] (reason codes and
+//! the one refusal-to-response mapping), [`audit`] (JSON lines), [`admin`] (metrics, health,
+//! policy), [`reload`] (SIGHUP and the file watcher). [`start`] wires them up for the binary;
+//! tests can also call [`server::run`] with a listener bound to port 0.
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod connect;
+pub mod dns;
+pub mod error;
+pub mod forward;
+pub mod handler;
+pub mod host;
+pub mod policy;
+pub mod reload;
+pub mod server;
+pub mod tls;
+pub mod tunnel;
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Audit;
+use crate::config::{Cli, Loaded};
+use crate::dns::Dns;
+use crate::reload::Reloader;
+use crate::server::{Core, State};
+
+/// Binds the listeners, prints their addresses, serves until SIGTERM or SIGINT, reloads on
+/// SIGHUP and when the watched files change, then drains.
+pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
+    let settings = loaded.settings;
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let local = listener.local_addr()?;
+    let admin = match settings.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for the admin endpoints"))?,
+        ),
+        None => None,
+    };
+    let mut own = vec![local];
+    if let Some(a) = &admin {
+        own.push(a.local_addr()?);
+    }
+    let dns = Dns::new(&settings.dns_servers, settings.limits.dns_timeout)?;
+    let core = Arc::new(Core::new(loaded.policy, settings.limits.clone(), dns, own));
+    let audit = Audit::open(settings.audit_log.as_ref()).await?;
+    let state = Arc::new(State::new(core.clone(), audit));
+    let shutdown = CancellationToken::new();
+
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let watch_interval = settings.watch_interval;
+    let reloader = Arc::new(Reloader::new(cli, core.clone(), settings));
+    tokio::spawn(reloader.clone().watch(watch_interval, shutdown.clone()));
+    {
+        let shutdown = shutdown.clone();
+        let reloader = reloader.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => {
+                        let r = reloader.clone();
+                        let _ = tokio::task::spawn_blocking(move || r.reload("SIGHUP")).await;
+                    }
+                }
+            }
+            shutdown.cancel();
+        });
+    }
+
+    eprintln!("paude-proxy listening on {local}");
+    if let Some(admin) = admin {
+        eprintln!("paude-proxy admin listening on {}", admin.local_addr()?);
+        tokio::spawn(admin::serve(admin, core.clone(), shutdown.clone()));
+    }
+    server::run(listener, state, shutdown).await
+}

@@ -1,0 +1,398 @@
+//! Plain HTTP forwarding of absolute-form requests (`GET http://host/path`). Requests go
+//! through one pooled hyper client whose connector is [`connect`], so pooled connections are
+//! also resolved, checked and dialled by address. Hop-by-hop headers are stripped both ways and
+//! nothing identifying the client is added (no `Via`, no `X-Forwarded-For`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Either;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Scheme, Uri};
+use hyper::{Request, Response, Version};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::audit::Record;
+use crate::connect::connect;
+use crate::error::{ProxyError, Reason};
+use crate::handler::{explain, host_text, record, refuse, Body};
+use crate::host::{Host, Target};
+use crate::policy::{Decision, Via};
+use crate::server::{Core, State};
+
+/// The pooled upstream client.
+pub type Client = hyper_util::client::legacy::Client<Connector, Counted>;
+
+/// How long an idle pooled upstream connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// Builds the pooled client around the guarded connector.
+pub fn client(core: Arc<Core>) -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(32)
+        .build(Connector { core })
+}
+
+/// Headers that describe one hop and never cross the proxy.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Forwards one absolute-form request.
+pub async fn forward(
+    state: Arc<State>,
+    peer: SocketAddr,
+    req: Request<hyper::body::Incoming>,
+    started: Instant,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let method_text = method.as_str().to_owned();
+    let uri = req.uri().clone();
+    let shown = uri.to_string();
+    let authority = match (uri.scheme(), uri.authority()) {
+        (Some(s), Some(a)) if *s == Scheme::HTTP => a.clone(),
+        (Some(_), Some(a)) => {
+            let rec = record(
+                started,
+                peer,
+                &method,
+                a.host().to_owned(),
+                a.port_u16().unwrap_or(443),
+                Decision::deny(Reason::UnsupportedScheme),
+            );
+            let err = ProxyError::new(
+                Reason::UnsupportedScheme,
+                "only http:// URLs are forwarded; HTTPS goes through a CONNECT tunnel (set HTTPS_PROXY)",
+            );
+            return refuse(&state, rec, &err, &method_text, &shown);
+        }
+        _ => {
+            let rec = record(
+                started,
+                peer,
+                &method,
+                String::new(),
+                0,
+                Decision::deny(Reason::BadRequest),
+            );
+            let err = ProxyError::new(
+                Reason::BadRequest,
+                "this is a proxy: send requests in absolute form (GET http://host/path) or use CONNECT",
+            );
+            return refuse(&state, rec, &err, &method_text, &shown);
+        }
+    };
+    let target = match Host::parse(authority.host()) {
+        Ok(host) => Target {
+            host,
+            port: authority.port_u16().unwrap_or(80),
+        },
+        Err(e) => {
+            let rec = record(
+                started,
+                peer,
+                &method,
+                authority.host().to_owned(),
+                0,
+                Decision::deny(Reason::BadRequest),
+            );
+            let err = ProxyError::new(Reason::BadRequest, e.to_string());
+            return refuse(&state, rec, &err, &method_text, &shown);
+        }
+    };
+    let decision = state.core.policy.load().decide(&target, Via::Http);
+    let rec = record(
+        started,
+        peer,
+        &method,
+        host_text(&target.host),
+        target.port,
+        decision,
+    );
+    if !rec.decision.allowed {
+        let err = explain(&rec.decision, &target, Via::Http);
+        return refuse(&state, rec, &err, &method_text, &shown);
+    }
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    // The Host header names the authority the client asked for, without user info.
+    let host_header = match authority.port() {
+        Some(p) => format!("{}:{}", authority.host(), p),
+        None => authority.host().to_owned(),
+    };
+    match HeaderValue::from_str(&host_header) {
+        Ok(v) => {
+            parts.headers.insert(header::HOST, v);
+        }
+        Err(_) => {
+            let err = ProxyError::new(
+                Reason::BadRequest,
+                "the request's host is not a valid Host header",
+            );
+            return refuse(&state, rec, &err, &method_text, &shown);
+        }
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = match Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(target.to_string())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(u) => u,
+        Err(e) => {
+            let err = ProxyError::new(
+                Reason::BadRequest,
+                format!("the request URL is invalid ({e})"),
+            );
+            return refuse(&state, rec, &err, &method_text, &shown);
+        }
+    };
+    parts.version = Version::HTTP_11;
+    let up = Arc::new(AtomicU64::new(0));
+    let request = Request::from_parts(
+        parts,
+        Counted {
+            inner: body,
+            count: up.clone(),
+        },
+    );
+    match state.client.request(request).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let mut rec = rec;
+            rec.resolved = parts.extensions.get::<Resolved>().map(|r| r.0);
+            let body = AuditedBody {
+                inner: body,
+                state: state.clone(),
+                up,
+                record: Some(rec),
+            };
+            Response::from_parts(parts, Either::Right(body))
+        }
+        Err(e) => {
+            let err = find_proxy_error(&e).unwrap_or_else(|| {
+                ProxyError::new(
+                    Reason::UpstreamError,
+                    format!("the upstream failed ({})", error_chain(&e)),
+                )
+            });
+            refuse(&state, rec, &err, &method_text, &shown)
+        }
+    }
+}
+
+fn find_proxy_error(err: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(p) = e.downcast_ref::<ProxyError>() {
+            return Some(p.clone());
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut current = err.source();
+    while let Some(e) = current {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        current = e.source();
+    }
+    text
+}
+
+/// The address a pooled connection reached, attached to every response on it.
+#[derive(Debug, Clone, Copy)]
+struct Resolved(SocketAddr);
+
+/// Dials pooled upstream connections through [`connect`].
+#[derive(Clone)]
+pub struct Connector {
+    core: Arc<Core>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Upstream;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Upstream, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let core = self.core.clone();
+        Box::pin(async move {
+            let host = Host::parse(uri.host().unwrap_or(""))
+                .map_err(|e| ProxyError::new(Reason::BadRequest, e.to_string()))?;
+            let target = Target {
+                host,
+                port: uri.port_u16().unwrap_or(80),
+            };
+            let policy = core.policy.load_full();
+            let (stream, addr) = connect(&core, &policy, &target).await?;
+            Ok(Upstream {
+                io: TokioIo::new(stream),
+                addr,
+            })
+        })
+    }
+}
+
+/// A guarded upstream connection.
+pub struct Upstream {
+    io: TokioIo<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Connection for Upstream {
+    fn connected(&self) -> Connected {
+        Connected::new().extra(Resolved(self.addr))
+    }
+}
+
+impl hyper::rt::Read for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The client's request body, counting the bytes sent upstream.
+pub struct Counted {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream's response body; counts bytes and writes the audit record when it is done
+/// (fully sent, or dropped because either side went away).
+pub struct AuditedBody {
+    inner: Incoming,
+    state: Arc<State>,
+    up: Arc<AtomicU64>,
+    record: Option<Record>,
+}
+
+impl hyper::body::Body for AuditedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let (Some(data), Some(rec)) = (frame.data_ref(), self.record.as_mut()) {
+                rec.bytes_down += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for AuditedBody {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.record.take() {
+            rec.bytes_up = self.up.load(Ordering::Relaxed);
+            self.state.finish(&rec);
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! One request: parse the target, ask the policy, then hand over to the tunnel (CONNECT) or
+//! to the forwarder (absolute-form HTTP). Refusals become responses through
+//! [`ProxyError::response`] and are recorded once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::audit::Record;
+use crate::connect::connect;
+use crate::error::{ProxyError, Reason};
+use crate::forward::{self, AuditedBody};
+use crate::host::{Host, Target};
+use crate::policy::{Decision, Via};
+use crate::server::State;
+use crate::tunnel;
+
+/// The body of every response the proxy sends.
+pub type Body = Either<Full<Bytes>, AuditedBody>;
+
+/// Handles one request from `peer`.
+pub async fn handle(
+    state: Arc<State>,
+    peer: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    if req.method() == Method::CONNECT {
+        Ok(connect_tunnel(state, peer, permit, req, started).await)
+    } else {
+        Ok(forward::forward(state, peer, req, started).await)
+    }
+}
+
+/// A record for `target` before anything is known beyond the decision.
+pub fn record(
+    started: Instant,
+    client: SocketAddr,
+    method: &Method,
+    host: String,
+    port: u16,
+    decision: Decision,
+) -> Record {
+    Record {
+        started,
+        client,
+        method: Some(method_name(method)),
+        host,
+        port,
+        resolved: None,
+        decision,
+        sni: None,
+        bytes_up: 0,
+        bytes_down: 0,
+    }
+}
+
+/// The host as the audit log shows it: IPv6 literals without brackets.
+pub fn host_text(host: &Host) -> String {
+    match host {
+        Host::Name(n) => n.to_string(),
+        Host::Ip(ip) => ip.to_string(),
+    }
+}
+
+/// Answers a refusal: records it and builds the response.
+pub fn refuse(
+    state: &State,
+    mut record: Record,
+    err: &ProxyError,
+    method: &str,
+    shown: &str,
+) -> Response<Body> {
+    record.decision.allowed = false;
+    record.decision.reason = err.reason;
+    record.resolved = record.resolved.or(err.resolved);
+    state.finish(&record);
+    err.response(method, shown).map(Either::Left)
+}
+
+/// The refusal a denying decision stands for, with the flag that would allow it.
+pub fn explain(decision: &Decision, target: &Target, via: Via) -> ProxyError {
+    let host = &target.host;
+    let port = target.port;
+    let default = via.default_port();
+    let suggested = if port == default {
+        host.to_string()
+    } else {
+        target.to_string()
+    };
+    let method = match via {
+        Via::Connect => "CONNECT",
+        Via::Http => "plain HTTP",
+    };
+    let rule = decision.rule.as_deref().unwrap_or("");
+    let origin = match decision.group.as_deref() {
+        Some(g) => format!("group '{g}'"),
+        None => "a --deny flag".to_owned(),
+    };
+    match decision.reason {
+        Reason::DeniedByRule => ProxyError::new(
+            decision.reason,
+            format!("{host} matches the deny rule '{rule}' from {origin}; deny rules win over every allow, so remove that rule to allow it"),
+        ),
+        Reason::PortNotAllowed => ProxyError::new(
+            decision.reason,
+            format!("port {port} is not allowed for {host}: {method} goes to port {default} unless a pattern names the port"),
+        )
+        .fix(format!("--allow {target}")),
+        Reason::IpLiteral => ProxyError::new(
+            decision.reason,
+            format!("{host} is an IP literal, and IP destinations are refused unless listed explicitly"),
+        )
+        .fix(format!("--allow {suggested}")),
+        _ => ProxyError::new(decision.reason, format!("{host} is not on the allowlist"))
+            .fix(format!("--allow {suggested}")),
+    }
+}
+
+async fn connect_tunnel(
+    state: Arc<State>,
+    peer: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    mut req: Request<Incoming>,
+    started: Instant,
+) -> Response<Body> {
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let target = match Target::parse(authority, None) {
+        Ok(t) => t,
+        Err(e) => {
+            let rec = record(
+                started,
+                peer,
+                &Method::CONNECT,
+                authority.to_owned(),
+                0,
+                Decision::deny(Reason::BadRequest),
+            );
+            let err = ProxyError::new(
+                Reason::BadRequest,
+                format!("the CONNECT target is not host:port ({e})"),
+            );
+            return refuse(&state, rec, &err, "CONNECT", authority);
+        }
+    };
+    let shown = target.to_string();
+    let policy = state.core.policy.load_full();
+    let decision = policy.decide(&target, Via::Connect);
+    let mut rec = record(
+        started,
+        peer,
+        &Method::CONNECT,
+        host_text(&target.host),
+        target.port,
+        decision,
+    );
+    if !rec.decision.allowed {
+        let err = explain(&rec.decision, &target, Via::Connect);
+        return refuse(&state, rec, &err, "CONNECT", &shown);
+    }
+    let (upstream, addr) = match connect(&state.core, &policy, &target).await {
+        Ok(c) => c,
+        Err(err) => return refuse(&state, rec, &err, "CONNECT", &shown),
+    };
+    rec.resolved = Some(addr);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let allow_opaque = policy.allow_opaque;
+    let tunnel_state = state.clone();
+    state.tunnels.spawn(async move {
+        tunnel::run(
+            tunnel_state,
+            on_upgrade,
+            upstream,
+            target,
+            rec,
+            allow_opaque,
+            permit,
+        )
+        .await;
+    });
+    Response::new(Either::Left(Full::new(Bytes::new())))
+}
+
+/// A static name for the audit log; uncommon methods are logged as `OTHER`.
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}

@@ -1,0 +1,196 @@
+//! The accept loop and the state every connection shares. [`run`] takes a bound listener and
+//! a shutdown token (so tests can bind port 0), limits concurrent connections with a
+//! semaphore, serves each connection with hyper's HTTP/1 server, and on shutdown stops
+//! accepting, drains connections and tunnels for a bounded time, then closes what is left.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Metrics;
+use crate::audit::{Audit, Record};
+use crate::config::Limits;
+use crate::dns::Dns;
+use crate::error::Reason;
+use crate::forward;
+use crate::handler;
+use crate::policy::{Decision, Policy};
+
+/// What the outbound side needs: the swappable policy, limits, resolver and metrics.
+pub struct Core {
+    /// The compiled policy; a reload swaps it whole, requests load it without a lock.
+    pub policy: ArcSwap<Policy>,
+    pub limits: Limits,
+    pub dns: Dns,
+    pub metrics: Metrics,
+    /// The proxy's own listening addresses, refused as destinations so it cannot loop.
+    own: Vec<SocketAddr>,
+}
+
+impl Core {
+    pub fn new(policy: Policy, limits: Limits, dns: Dns, own: Vec<SocketAddr>) -> Core {
+        Core {
+            policy: ArcSwap::from_pointee(policy),
+            limits,
+            dns,
+            metrics: Metrics::default(),
+            own,
+        }
+    }
+
+    /// Whether `addr` is one of the proxy's own listeners. A listener on the unspecified
+    /// address is matched on every loopback and unspecified address.
+    pub fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own.iter().any(|own| {
+            own.port() == addr.port()
+                && (own.ip() == addr.ip()
+                    || (own.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
+    }
+}
+
+/// Everything a connection handler shares.
+pub struct State {
+    pub core: Arc<Core>,
+    pub audit: Audit,
+    /// The pooled client for plain HTTP forwarding.
+    pub client: forward::Client,
+    /// CONNECT tunnels outlive hyper's connection futures, so they are tracked here.
+    pub tunnels: TaskTracker,
+    /// Fires when the drain period is over and remaining tunnels must close.
+    pub tunnel_stop: CancellationToken,
+}
+
+impl State {
+    pub fn new(core: Arc<Core>, audit: Audit) -> State {
+        State {
+            client: forward::client(core.clone()),
+            core,
+            audit,
+            tunnels: TaskTracker::new(),
+            tunnel_stop: CancellationToken::new(),
+        }
+    }
+
+    /// Finishes a record: counts it and writes its audit line. Called once per record.
+    pub fn finish(&self, record: &Record) {
+        self.core
+            .metrics
+            .decision(record.decision.reason, record.bytes_up, record.bytes_down);
+        if !record.decision.allowed {
+            tracing::info!(
+                client = %record.client,
+                host = %record.host,
+                port = record.port,
+                reason = record.decision.reason.code(),
+                "denied"
+            );
+        }
+        self.audit.write(record);
+    }
+}
+
+/// Serves `listener` until `shutdown` fires, then drains.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let limits = state.core.limits.clone();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    // Connections are tracked here; hyper's own graceful shutdown does not cover upgrades.
+    let conns = TaskTracker::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = connections.clone().acquire_owned() => permit?,
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        state.core.metrics.connection();
+        if !state.core.policy.load().client_allowed(peer.ip()) {
+            state.finish(&Record {
+                started: Instant::now(),
+                client: peer,
+                method: None,
+                host: String::new(),
+                port: 0,
+                resolved: None,
+                decision: Decision::deny(Reason::ClientNotAllowed),
+                sni: None,
+                bytes_up: 0,
+                bytes_down: 0,
+            });
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        let permit = Arc::new(permit);
+        let conn_state = state.clone();
+        let service =
+            service_fn(move |req| handler::handle(conn_state.clone(), peer, permit.clone(), req));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let stop = shutdown.clone();
+        conns.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    // Finish the request in flight, then close instead of keeping alive.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(client = %peer, "connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        "shutting down: draining connections for up to {:?}",
+        limits.drain_timeout
+    );
+    conns.close();
+    state.tunnels.close();
+    let drain = async {
+        conns.wait().await;
+        state.tunnels.wait().await;
+    };
+    if tokio::time::timeout(limits.drain_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain period over: closing the remaining connections and tunnels");
+    }
+    state.tunnel_stop.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.tunnels.wait()).await;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! A CONNECT tunnel after the policy said yes and the upstream is connected: take the raw
+//! client socket back from hyper (with any bytes it already read), run the SNI guard on the
+//! first bytes, forward them, then copy both ways until either side closes, the tunnel is
+//! idle too long, or shutdown ends the drain period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::Record;
+use crate::error::Reason;
+use crate::host::{Host, Target};
+use crate::policy::Decision;
+use crate::server::State;
+use crate::tls::{read_client_hello, FirstBytes};
+
+/// Copy buffer per direction.
+const BUF_SIZE: usize = 32 * 1024;
+
+/// Runs one tunnel to completion and records it. `_permit` holds the connection slot.
+pub async fn run(
+    state: Arc<State>,
+    on_upgrade: OnUpgrade,
+    mut upstream: TcpStream,
+    target: Target,
+    mut record: Record,
+    allow_opaque: bool,
+    _permit: Arc<OwnedSemaphorePermit>,
+) {
+    let metrics = &state.core.metrics;
+    metrics.active_tunnels.inc();
+    let limits = &state.core.limits;
+    let upgraded = match tokio::time::timeout(limits.header_timeout, on_upgrade).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            tracing::debug!("upgrade failed: {e}");
+            return finish(&state, &record);
+        }
+        Err(_) => return finish(&state, &record),
+    };
+    let (mut client, pipelined) = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        Err(_) => {
+            tracing::error!("an upgraded connection was not a TCP stream");
+            return finish(&state, &record);
+        }
+    };
+    let mut first = Vec::with_capacity(pipelined.len().max(4096));
+    first.extend_from_slice(&pipelined);
+    let peek = read_client_hello(
+        &mut client,
+        &mut first,
+        allow_opaque.then_some(&upstream),
+        limits.header_timeout,
+    )
+    .await;
+    match peek {
+        Ok(FirstBytes::Tls { sni }) => {
+            if let Some(name) = &sni {
+                let same = Host::parse(name).is_ok_and(|h| h == target.host);
+                if !same {
+                    tracing::info!(sni = %name, connect = %target, "SNI differs from the CONNECT host");
+                    record.sni = sni;
+                    record.decision = Decision {
+                        allowed: false,
+                        reason: Reason::SniMismatch,
+                        ..record.decision
+                    };
+                    return finish(&state, &record);
+                }
+            }
+            record.sni = sni;
+        }
+        Ok(FirstBytes::Closed) => return finish(&state, &record),
+        Ok(FirstBytes::Opaque | FirstBytes::TimedOut | FirstBytes::UpstreamFirst)
+            if !allow_opaque =>
+        {
+            record.decision = Decision {
+                allowed: false,
+                reason: Reason::OpaqueTunnel,
+                ..record.decision
+            };
+            return finish(&state, &record);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!("reading the first tunnel bytes failed: {e}");
+            return finish(&state, &record);
+        }
+    }
+    if !first.is_empty() {
+        if let Err(e) = upstream.write_all(&first).await {
+            tracing::debug!("writing the first tunnel bytes upstream failed: {e}");
+            return finish(&state, &record);
+        }
+        record.bytes_up += first.len() as u64;
+    }
+    drop(first);
+    let (up, down) = pump(
+        &mut client,
+        &mut upstream,
+        limits.idle_timeout,
+        &state.tunnel_stop,
+    )
+    .await;
+    record.bytes_up += up;
+    record.bytes_down += down;
+    finish(&state, &record);
+}
+
+fn finish(state: &State, record: &Record) {
+    state.core.metrics.active_tunnels.dec();
+    state.finish(record);
+}
+
+/// Copies both ways until both sides have closed, nothing moved for `idle`, or `stop` fires.
+/// Returns the bytes sent up (client to upstream) and down.
+async fn pump(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> (u64, u64) {
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    let mut up_buf = vec![0u8; BUF_SIZE];
+    let mut down_buf = vec![0u8; BUF_SIZE];
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut client_open, mut upstream_open) = (true, true);
+    let sleep = tokio::time::sleep(idle);
+    tokio::pin!(sleep);
+    while client_open || upstream_open {
+        tokio::select! {
+            r = cr.read(&mut up_buf), if client_open => match r {
+                Ok(0) | Err(_) => {
+                    client_open = false;
+                    let _ = uw.shutdown().await;
+                }
+                Ok(n) => {
+                    if uw.write_all(&up_buf[..n]).await.is_err() {
+                        break;
+                    }
+                    up += n as u64;
+                }
+            },
+            r = ur.read(&mut down_buf), if upstream_open => match r {
+                Ok(0) | Err(_) => {
+                    upstream_open = false;
+                    let _ = cw.shutdown().await;
+                }
+                Ok(n) => {
+                    if cw.write_all(&down_buf[..n]).await.is_err() {
+                        break;
+                    }
+                    down += n as u64;
+                }
+            },
+            _ = &mut sleep => {
+                tracing::debug!("tunnel idle for {idle:?}: closing");
+                break;
+            }
+            _ = stop.cancelled() => break,
+        }
+        sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+    }
+    (up, down)
+}

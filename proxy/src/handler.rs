@@ -83,7 +83,16 @@ pub fn refuse(
     record.decision.reason = err.reason;
     record.resolved = record.resolved.or(err.resolved);
     state.finish(&record);
-    err.response(method, shown).map(Either::Left)
+    let mut response = err.response(method, shown);
+    if method == "CONNECT" {
+        // Bytes pipelined behind a refused CONNECT (a ClientHello) must not be read as the
+        // next request, so the connection ends with the refusal.
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    response.map(Either::Left)
 }
 
 /// The refusal a denying decision stands for, with the flag that would allow it.

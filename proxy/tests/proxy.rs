@@ -1,0 +1,917 @@
+//! End-to-end tests of the paude-proxy binary: real sockets, real clients (raw HTTP, rustls,
+//! curl), upstreams started on 127.0.0.1 by the tests. Names are pinned with `--resolve`, so
+//! no test resolves or dials a host outside this machine.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn args(list: &[&str], pins: &[String]) -> Vec<String> {
+    list.iter()
+        .map(|s| s.to_string())
+        .chain(pins.iter().cloned())
+        .collect()
+}
+
+fn start(list: &[&str], pins: &[String]) -> Proxy {
+    let all = args(list, pins);
+    Proxy::start(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_forwarded_with_keep_alive_and_without_hop_by_hop_headers() {
+    let web = http_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("web.test"));
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    for path in ["/one", "/two"] {
+        let request = format!(
+            "GET http://WEB.test:{}{path}?q=1 HTTP/1.1\r\nHost: web.test:{}\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic c2VjcmV0\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n",
+            web.port(),
+            web.port()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let response = read_response(&mut stream).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(
+            response.contains(&format!("upstream saw GET {path}?q=1")),
+            "{response}"
+        );
+        let lower = response.to_lowercase();
+        assert!(
+            lower.contains("x-kept: 2"),
+            "end-to-end headers pass: {response}"
+        );
+        for leaked in [
+            "proxy-connection",
+            "proxy-authorization",
+            "x-secret",
+            "via:",
+            "x-forwarded-for",
+        ] {
+            assert!(
+                !lower.contains(leaked),
+                "{leaked} must not reach the upstream: {response}"
+            );
+        }
+        assert_eq!(header(&response, "x-upstream"), Some("yes"));
+        assert_eq!(
+            header(&response, "keep-alive"),
+            None,
+            "hop-by-hop response header stripped"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnel_carries_tls_end_to_end() {
+    let tls = tls_upstream().await;
+    let allow = format!("example.test:{}", tls.addr.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("example.test"));
+    let target = format!("example.test:{}", tls.addr.port());
+    let body = tls_get(proxy.addr, &target, "example.test", &tls.ca_der, false)
+        .await
+        .unwrap();
+    assert!(body.ends_with("hello over tls"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_hello_pipelined_behind_the_connect_head_reaches_the_upstream() {
+    let tls = tls_upstream().await;
+    let allow = format!("example.test:{}", tls.addr.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("example.test"));
+    let target = format!("example.test:{}", tls.addr.port());
+    let body = tls_get(proxy.addr, &target, "example.test", &tls.ca_der, true)
+        .await
+        .unwrap();
+    assert!(body.ends_with("hello over tls"), "{body}");
+    assert_eq!(tls.handshakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_that_differs_from_the_connect_host_closes_the_tunnel() {
+    let tls = tls_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let allow = format!("example.test:{}", tls.addr.port());
+    let mut pins = loopback_pin("example.test");
+    pins.extend(["--resolve".to_owned(), "other.test=127.0.0.1".to_owned()]);
+    let proxy = start(
+        &["--allow", &allow, "--audit-log", audit.to_str().unwrap()],
+        &pins,
+    );
+    let target = format!("example.test:{}", tls.addr.port());
+    // The certificate is valid for other.test too, so only the guard can stop this.
+    let result = tls_get(proxy.addr, &target, "other.test", &tls.ca_der, false).await;
+    assert!(
+        result.is_err(),
+        "a fronted tunnel must not carry data: {result:?}"
+    );
+    assert_eq!(tls.handshakes.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let lines = audit_lines(&audit, 1);
+    assert_eq!(lines[0]["reason"], "sni_mismatch", "{lines:?}");
+    assert_eq!(lines[0]["decision"], "deny");
+    assert_eq!(lines[0]["sni"], "other.test");
+    // The matching name still works through the same proxy.
+    let ok = tls_get(proxy.addr, &target, "EXAMPLE.test", &tls.ca_der, true)
+        .await
+        .unwrap();
+    assert!(ok.ends_with("hello over tls"));
+}
+
+/// An upstream that echoes what it receives.
+async fn echo_upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn opaque_exchange(proxy: std::net::SocketAddr, target: &str) -> String {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nSSH-2.0-test\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let work = async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.ends_with(b"SSH-2.0-test\r\n") {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(T, work)
+        .await
+        .expect("the tunnel answers or closes");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tunnels_are_refused_unless_allowed() {
+    let echo = echo_upstream().await;
+    let allow = format!("echo.test:{}", echo.port());
+    let target = format!("echo.test:{}", echo.port());
+    let strict = start(&["--allow", &allow], &loopback_pin("echo.test"));
+    let out = opaque_exchange(strict.addr, &target).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        !out.contains("SSH-2.0-test"),
+        "opaque bytes must not pass: {out}"
+    );
+
+    let open = start(
+        &["--allow", &allow, "--allow-opaque"],
+        &loopback_pin("echo.test"),
+    );
+    let out = opaque_exchange(open.addr, &target).await;
+    assert!(
+        out.ends_with("SSH-2.0-test\r\n"),
+        "with --allow-opaque the bytes pass: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_host_gets_403_with_the_reason_and_the_flag_that_allows_it() {
+    let proxy = start(&["--allow", "pypi"], &[]);
+    let out = raw(
+        proxy.addr,
+        b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"));
+    assert!(out.contains("evil.test is not on the allowlist"), "{out}");
+    assert!(out.contains("--allow evil.test"), "{out}");
+    let out = raw(
+        proxy.addr,
+        b"GET http://evil.test/x HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_address_class_is_blocked_before_dialling() {
+    let cases = [
+        ("127.0.0.1", "loopback_address"),
+        ("10.1.2.3", "private_address"),
+        ("192.168.1.1", "private_address"),
+        ("172.16.0.1", "private_address"),
+        ("100.64.0.1", "shared_address"),
+        ("169.254.169.254", "link_local_address"),
+        ("224.0.0.1", "multicast_address"),
+        ("0.0.0.0", "unspecified_address"),
+        ("::1", "loopback_address"),
+        ("::ffff:127.0.0.1", "embedded_ipv4_address"),
+        ("64:ff9b::a9fe:a9fe", "embedded_ipv4_address"),
+        ("2002:a9fe:a9fe::1", "embedded_ipv4_address"),
+        ("2001:0:4136:e378::1", "embedded_ipv4_address"),
+        ("fd00::1", "private_address"),
+        ("fe80::1", "link_local_address"),
+        ("ff02::1", "multicast_address"),
+    ];
+    let mut flags = vec!["--allow".to_owned(), ".pinned.test".to_owned()];
+    for (i, (ip, _)) in cases.iter().enumerate() {
+        flags.push("--resolve".into());
+        flags.push(format!("h{i}.pinned.test={ip}"));
+    }
+    let proxy = Proxy::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    for (i, (ip, code)) in cases.iter().enumerate() {
+        let req = format!("CONNECT h{i}.pinned.test:443 HTTP/1.1\r\nHost: x\r\n\r\n");
+        let out = raw(proxy.addr, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{ip}: {out}");
+        assert_eq!(header(&out, "x-paude-deny"), Some(*code), "{ip}: {out}");
+        assert!(
+            out.contains("--allow-cidr"),
+            "{ip}: the body names the flag: {out}"
+        );
+        let req = format!(
+            "GET http://h{i}.pinned.test/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let out = raw(proxy.addr, req.as_bytes()).await;
+        assert_eq!(
+            header(&out, "x-paude-deny"),
+            Some(*code),
+            "plain HTTP {ip}: {out}"
+        );
+    }
+    let metadata = raw(
+        proxy.addr,
+        b"CONNECT h5.pinned.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(metadata.contains("metadata"), "{metadata}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_literals_need_an_explicit_rule() {
+    let echo = echo_upstream().await;
+    let port = echo.port();
+    let proxy = start(
+        &[
+            "--allow",
+            "all",
+            "--allow-opaque",
+            "--allow-cidr",
+            "127.0.0.0/8",
+        ],
+        &[],
+    );
+    for target in [
+        format!("127.0.0.1:{port}"),
+        "[::1]:443".to_owned(),
+        "93.184.216.34:443".to_owned(),
+    ] {
+        let out = raw(
+            proxy.addr,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert_eq!(
+            header(&out, "x-paude-deny"),
+            Some("ip_literal"),
+            "{target}: {out}"
+        );
+    }
+    let out = raw(
+        proxy.addr,
+        b"GET http://[::1]/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(header(&out, "x-paude-deny"), Some("ip_literal"), "{out}");
+
+    let listed = format!("127.0.0.1:{port}");
+    let explicit = start(
+        &[
+            "--allow",
+            &listed,
+            "--allow-opaque",
+            "--allow-cidr",
+            "127.0.0.0/8",
+        ],
+        &[],
+    );
+    let out = opaque_exchange(explicit.addr, &listed).await;
+    assert!(out.ends_with("SSH-2.0-test\r\n"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_other_than_443_and_80_need_a_pattern_that_names_them() {
+    let proxy = start(&["--allow", "site.test"], &loopback_pin("site.test"));
+    let out = raw(
+        proxy.addr,
+        b"CONNECT site.test:8443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("port_not_allowed"),
+        "{out}"
+    );
+    assert!(out.contains("--allow site.test:8443"), "{out}");
+    let out = raw(
+        proxy.addr,
+        b"CONNECT site.test:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("port_not_allowed"),
+        "{out}"
+    );
+    let out = raw(
+        proxy.addr,
+        b"GET http://site.test:443/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("port_not_allowed"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_requests_get_400_and_431_and_the_proxy_keeps_serving() {
+    let web = http_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let proxy = start(
+        &["--allow", &allow, "--max-header-bytes", "8192"],
+        &loopback_pin("web.test"),
+    );
+    let out = raw(proxy.addr, b"THIS IS NOT HTTP\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+    let big = format!(
+        "GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20000)
+    );
+    let out = raw(proxy.addr, big.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:?}");
+    let out = raw(
+        proxy.addr,
+        b"GET /origin-form HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(header(&out, "x-paude-deny"), Some("bad_request"));
+    let out = raw(
+        proxy.addr,
+        b"CONNECT no-port.test HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let ok = format!(
+        "GET http://web.test:{}/still HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+        web.port()
+    );
+    let out = raw(proxy.addr, ok.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_hit_the_header_timeout() {
+    let proxy = start(&["--header-timeout", "500ms"], &[]);
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET http://slow.test/ HTTP/1.1\r\nHost: sl")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes a slow client")
+        .ok();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    // A tunnel that never sends its ClientHello is closed after the same timeout.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"CONNECT github.com:443 HTTP/1.1\r\nHost: github.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("closed")
+        .ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_wins_over_every_allow() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let mut pins = loopback_pin("good.site.test");
+    pins.extend(["--resolve".to_owned(), "bad.site.test=127.0.0.1".to_owned()]);
+    let allow = format!("*.site.test:{port}");
+    let proxy = start(
+        &[
+            "--allow",
+            &allow,
+            "--allow",
+            "all",
+            "--deny",
+            "bad.site.test",
+        ],
+        &pins,
+    );
+    let good = format!(
+        "GET http://good.site.test:{port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    assert!(raw(proxy.addr, good.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let bad = format!(
+        "GET http://bad.site.test:{port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let out = raw(proxy.addr, bad.as_bytes()).await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("denied_by_rule"),
+        "{out}"
+    );
+    assert!(out.contains("deny rule 'bad.site.test'"), "{out}");
+}
+
+#[test]
+fn check_prints_the_allowlist_and_names_file_and_line_of_errors() {
+    let (code, out, err) = run_binary(&["--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(".pypi.org") && out.contains("pypi"), "{out}");
+    assert!(
+        out.contains("github.com") && out.contains("policies/github.txt"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("anthropic"),
+        "default is vertexai + pypi + github: {out}"
+    );
+
+    let (code, out, _) = run_binary(&["--check", "--allow", "claude", "--deny", "python"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(".anthropic.com") && out.contains("deny") && out.contains(".pythonhosted.org"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mine.txt"),
+        "# description: mine\nok.example.com\n\n*\n",
+    )
+    .unwrap();
+    let policies = dir.path().to_str().unwrap();
+    let (code, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("mine.txt:4: pattern '*' matches everything"),
+        "{err}"
+    );
+
+    let (code, _, err) = run_binary(&["--check", "--allow", "pypy"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown group 'pypy'"), "{err}");
+    let (code, _, err) = run_binary(&["--check", "--allow", ".com"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("matches every host under 'com'"), "{err}");
+    let (code, _, err) = run_binary(&["--check", "--allow-cidr", "10.0.0.0/99"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is not a CIDR range"), "{err}");
+}
+
+#[test]
+fn config_file_applies_flags_override_it_and_unknown_fields_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "allow = ['claude']\ndeny = ['console.anthropic.com']\nheader_timeout = '3s'\n",
+    )
+    .unwrap();
+    let (code, out, err) = run_binary(&["--check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(".anthropic.com") && out.contains("console.anthropic.com"),
+        "{out}"
+    );
+    let (code, out, _) = run_binary(&[
+        "--check",
+        "--config",
+        config.to_str().unwrap(),
+        "--allow",
+        "rust",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("crates.io") && !out.contains(".claude.ai"),
+        "flags override the file: {out}"
+    );
+    std::fs::write(&config, "alow = ['claude']\n").unwrap();
+    let (code, _, err) = run_binary(&["--check", "--config", config.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("proxy.toml") && err.contains("alow"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_swaps_the_policy_and_a_broken_file_keeps_the_old_one() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.txt");
+    std::fs::write(&file, "# description: mine\nfirst.test\n").unwrap();
+    let policies = dir.path().to_str().unwrap();
+    let mut pins = loopback_pin("first.test");
+    pins.extend(["--resolve".to_owned(), "second.test=127.0.0.1".to_owned()]);
+    let proxy = start(
+        &[
+            "--policies",
+            policies,
+            "--allow",
+            "mine",
+            "--watch-interval",
+            "0",
+        ],
+        &pins,
+    );
+    let get = |host: &str| {
+        format!("GET http://{host}:{port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    };
+    let code = |out: String| header(&out, "x-paude-deny").map(str::to_owned);
+    assert_eq!(
+        code(raw(proxy.addr, get("second.test").as_bytes()).await).as_deref(),
+        Some("not_allowed")
+    );
+
+    std::fs::write(&file, format!("# description: mine\nsecond.test:{port}\n")).unwrap();
+    proxy.signal("HUP");
+    assert!(
+        proxy.wait_for_stderr("policy reloaded (SIGHUP)"),
+        "{}",
+        proxy.stderr()
+    );
+    let out = raw(proxy.addr, get("second.test").as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        code(raw(proxy.addr, get("first.test").as_bytes()).await).as_deref(),
+        Some("not_allowed")
+    );
+
+    std::fs::write(&file, "# description: mine\n*.test\n").unwrap();
+    proxy.signal("HUP");
+    assert!(
+        proxy.wait_for_stderr("keeping the policy in force"),
+        "{}",
+        proxy.stderr()
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("mine.txt:2: pattern '*.test' matches every host under 'test'"),
+        "{}",
+        proxy.stderr()
+    );
+    let out = raw(proxy.addr, get("second.test").as_bytes()).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "the old policy stays in force: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_reloads_when_policy_content_changes() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.txt");
+    std::fs::write(&file, "# description: mine\nfirst.test\n").unwrap();
+    let policies = dir.path().to_str().unwrap();
+    let proxy = start(
+        &[
+            "--policies",
+            policies,
+            "--allow",
+            "mine",
+            "--watch-interval",
+            "200ms",
+        ],
+        &loopback_pin("late.test"),
+    );
+    let get =
+        format!("GET http://late.test:{port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(raw(proxy.addr, get.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 403"));
+    // Replace the file the way a ConfigMap update does: write elsewhere, then rename over.
+    let staged = dir.path().join(".staged");
+    std::fs::write(&staged, format!("# description: mine\nlate.test:{port}\n")).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    assert!(
+        proxy.wait_for_stderr("policy reloaded (files changed)"),
+        "{}",
+        proxy.stderr()
+    );
+    assert!(raw(proxy.addr, get.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_has_one_json_line_per_request_with_every_key() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let allow = format!("web.test:{port}");
+    let proxy = start(
+        &["--allow", &allow, "--audit-log", audit.to_str().unwrap()],
+        &loopback_pin("web.test"),
+    );
+    let ok = format!("POST http://web.test:{port}/up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    assert!(raw(proxy.addr, ok.as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    raw(
+        proxy.addr,
+        b"CONNECT nope.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let lines = audit_lines(&audit, 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let keys = [
+        "ts",
+        "client",
+        "method",
+        "host",
+        "port",
+        "resolved",
+        "decision",
+        "reason",
+        "rule",
+        "group",
+        "sni",
+        "bytes_up",
+        "bytes_down",
+        "duration_ms",
+    ];
+    for line in &lines {
+        for key in keys {
+            assert!(line.get(key).is_some(), "missing {key}: {line}");
+        }
+    }
+    let allowed = lines
+        .iter()
+        .find(|l| l["decision"] == "allow")
+        .expect("an allow line");
+    assert_eq!(allowed["method"], "POST");
+    assert_eq!(allowed["host"], "web.test");
+    assert_eq!(allowed["resolved"], format!("127.0.0.1:{port}"));
+    assert_eq!(allowed["rule"], format!("web.test:{port}"));
+    assert_eq!(allowed["bytes_up"], 5);
+    assert!(allowed["bytes_down"].as_u64().unwrap() > 0);
+    assert!(allowed["ts"].as_str().unwrap().ends_with('Z'));
+    let denied = lines
+        .iter()
+        .find(|l| l["decision"] == "deny")
+        .expect("a deny line");
+    assert_eq!(denied["reason"], "not_allowed");
+    assert_eq!(denied["method"], "CONNECT");
+    assert_eq!(denied["resolved"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_metrics_health_and_policy() {
+    let proxy = start(&["--admin-listen", "127.0.0.1:0", "--allow", "github"], &[]);
+    let admin = proxy.admin.expect("the admin address is printed");
+    raw(
+        proxy.addr,
+        b"CONNECT nope.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("paude_decisions_total{decision=\"deny\",reason=\"not_allowed\"} 1"),
+        "{metrics}"
+    );
+    for name in [
+        "paude_connections_total",
+        "paude_active_tunnels",
+        "paude_dns_duration_seconds",
+        "paude_connect_duration_seconds",
+        "paude_bytes_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing: {metrics}");
+    }
+    assert!(admin_get(admin, "/healthz").await.ends_with("ok\n"));
+    let policy = admin_get(admin, "/policy").await;
+    let body = policy.split("\r\n\r\n").nth(1).unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert!(json["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["pattern"] == "api.github.com" && r["group"] == "github"));
+}
+
+/// A DNS server on loopback that answers every query with NXDOMAIN.
+async fn nxdomain_server() -> std::net::SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            if n < 12 {
+                continue;
+            }
+            let mut reply = buf[..n].to_vec();
+            reply[2] = 0x80 | (reply[2] & 0x01); // QR, keep RD
+            reply[3] = 0x80 | 0x03; // RA, NXDOMAIN
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresolvable_and_unreachable_upstreams_get_502() {
+    let dns = nxdomain_server().await;
+    let dns_flag = dns.to_string();
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let allow = format!("down.test:{closed}");
+    let proxy = start(
+        &[
+            "--dns-server",
+            &dns_flag,
+            "--allow",
+            "ghost.test",
+            "--allow",
+            &allow,
+        ],
+        &loopback_pin("down.test"),
+    );
+    let out = raw(
+        proxy.addr,
+        b"CONNECT ghost.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert_eq!(header(&out, "x-paude-deny"), Some("unresolvable"), "{out}");
+    let out = raw(
+        proxy.addr,
+        format!("CONNECT down.test:{closed} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("connect_failed"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_refuses_to_connect_to_itself() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let by_name = format!("self.test:{port}");
+    let proxy = Proxy::start(&[
+        "--listen",
+        &listen,
+        "--allow",
+        &by_name,
+        "--allow",
+        &listen,
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--resolve",
+        "self.test=127.0.0.1",
+    ]);
+    for target in [&by_name, &listen] {
+        let out = raw(
+            proxy.addr,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert_eq!(header(&out, "x-paude-deny"), Some("proxy_address"), "{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_client_restricts_who_may_use_the_proxy() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let proxy = start(
+        &[
+            "--allow-client",
+            "10.0.0.0/8",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let out = raw(
+        proxy.addr,
+        b"CONNECT github.com:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.is_empty(),
+        "a client outside --allow-client gets nothing: {out}"
+    );
+    let lines = audit_lines(&audit, 1);
+    assert_eq!(lines[0]["reason"], "client_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let mut proxy = start(&[], &[]);
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(), Some(0), "{}", proxy.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_the_proxy_the_worked_readme_example() {
+    let web = http_upstream().await;
+    let tls = tls_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &tls.ca_pem).unwrap();
+    let web_allow = format!("web.test:{}", web.port());
+    let tls_allow = format!("example.test:{}", tls.addr.port());
+    let mut pins = loopback_pin("web.test");
+    pins.extend(["--resolve".to_owned(), "example.test=127.0.0.1".to_owned()]);
+    let proxy = start(&["--allow", &web_allow, "--allow", &tls_allow], &pins);
+    let proxy_url = format!("http://{}", proxy.addr);
+    let curl = |extra: Vec<String>| {
+        let proxy_url = proxy_url.clone();
+        async move {
+            let out = tokio::time::timeout(
+                T,
+                tokio::process::Command::new("curl")
+                    .args(["-sS", "--max-time", "10", "-i", "--proxy", &proxy_url])
+                    .args(extra)
+                    .output(),
+            )
+            .await
+            .expect("curl finishes")
+            .expect("curl is installed (apt-get install curl)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        }
+    };
+    let out = curl(vec![format!("http://web.test:{}/hello", web.port())]).await;
+    assert!(
+        out.contains("200 OK") && out.contains("upstream saw GET /hello"),
+        "{out}"
+    );
+    let out = curl(vec![
+        "--cacert".into(),
+        ca.to_str().unwrap().into(),
+        format!("https://example.test:{}/", tls.addr.port()),
+    ])
+    .await;
+    assert!(out.contains("hello over tls"), "{out}");
+    let out = curl(vec!["https://blocked.test/".into()]).await;
+    assert!(out.contains("403"), "{out}");
+    let out = curl(vec!["http://blocked.test/".into()]).await;
+    assert!(
+        out.contains("x-paude-deny: not_allowed") && out.contains("--allow blocked.test"),
+        "{out}"
+    );
+}

@@ -1,0 +1,417 @@
+//! Helpers for the integration tests: start the real paude-proxy binary on a loopback port,
+//! start plain HTTP and TLS upstreams on 127.0.0.1 (TLS with a CA made at test time), and
+//! speak raw HTTP or TLS through the proxy. Every blocking read has a timeout and every async
+//! wait is bounded, so a hang fails the test instead of stalling the suite.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The bound on every wait in these tests.
+pub const T: Duration = Duration::from_secs(10);
+
+/// A running paude-proxy binary, killed when dropped.
+pub struct Proxy {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proxy {
+    /// Starts the binary on 127.0.0.1:0 with `args` and waits for its listening line.
+    pub fn start(args: &[&str]) -> Proxy {
+        Proxy::try_start(args).unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
+    }
+
+    /// Starts the binary, returning its stderr if it exits before listening.
+    pub fn try_start(args: &[&str]) -> Result<Proxy, String> {
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_paude-proxy"))
+            .args(listen)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the paude-proxy binary runs");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&line);
+                sink.lock().unwrap().push('\n');
+                let _ = tx.send(line);
+            }
+        });
+        let mut addr = None;
+        let mut admin = None;
+        let want_admin = args.contains(&"--admin-listen");
+        let deadline = Instant::now() + T;
+        while addr.is_none() || (want_admin && admin.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(a) = line.strip_prefix("paude-proxy listening on ") {
+                        addr = Some(a.trim().parse().expect("a socket address"));
+                    } else if let Some(a) = line.strip_prefix("paude-proxy admin listening on ") {
+                        admin = Some(a.trim().parse().expect("a socket address"));
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(100));
+                    return Err(stderr.lock().unwrap().clone());
+                }
+            }
+        }
+        Ok(Proxy {
+            child,
+            addr: addr.expect("address parsed"),
+            admin,
+            stderr,
+        })
+    }
+
+    /// Everything the proxy wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until stderr contains `needle`.
+    pub fn wait_for_stderr(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Sends a signal (`HUP`, `TERM`) to the proxy.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait works") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion (for `--check`): exit code, stdout, stderr.
+pub fn run_binary(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_paude-proxy"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the paude-proxy binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A plain HTTP upstream on 127.0.0.1 that answers every request with its method, URI and
+/// request headers in the body.
+pub async fn http_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    let mut body = format!("upstream saw {} {}\n", req.method(), req.uri());
+                    for (name, value) in req.headers() {
+                        body.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+                    }
+                    let resp = Response::builder()
+                        .header("x-upstream", "yes")
+                        .header("keep-alive", "timeout=5")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap();
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS upstream and the CA that signed its certificate.
+pub struct TlsUpstream {
+    pub addr: SocketAddr,
+    pub ca_der: CertificateDer<'static>,
+    pub ca_pem: String,
+    /// How many TLS handshakes completed.
+    pub handshakes: Arc<AtomicUsize>,
+}
+
+/// Starts a TLS server on 127.0.0.1 with a certificate for `example.test` and `other.test`
+/// signed by a CA generated now; it answers one HTTP request per connection.
+pub async fn tls_upstream() -> TlsUpstream {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "paude test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf_params =
+        rcgen::CertificateParams::new(vec!["example.test".to_owned(), "other.test".to_owned()])
+            .unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let count = handshakes.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(mut tls)) = tokio::time::timeout(T, acceptor.accept(stream)).await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match tokio::time::timeout(T, tls.read(&mut byte)).await {
+                        Ok(Ok(1)) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let body = "hello over tls";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    TlsUpstream {
+        addr,
+        ca_der: ca.der().clone(),
+        ca_pem: ca.pem(),
+        handshakes,
+    }
+}
+
+/// Reads a response head byte by byte (so no tunnel bytes are consumed behind it).
+fn read_head_blocking(stream: &mut std::net::TcpStream) -> Result<String, String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            Ok(_) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&head))),
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Opens a CONNECT tunnel to `connect_to`, does a TLS handshake with `sni` trusting `ca`,
+/// and returns the upstream's HTTP response. With `pipelined`, the ClientHello is sent in the
+/// same write as the CONNECT head. Runs blocking I/O with timeouts on a blocking thread.
+pub async fn tls_get(
+    proxy: SocketAddr,
+    connect_to: &str,
+    sni: &str,
+    ca: &CertificateDer<'static>,
+    pipelined: bool,
+) -> Result<String, String> {
+    let connect_to = connect_to.to_owned();
+    let sni = sni.to_owned();
+    let ca = ca.clone();
+    let work = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).map_err(|e| e.to_string())?;
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = ServerName::try_from(sni.clone()).map_err(|e| e.to_string())?;
+        let mut conn =
+            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+        let mut stream = std::net::TcpStream::connect(proxy).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(T)).unwrap();
+        stream.set_write_timeout(Some(T)).unwrap();
+        let mut first =
+            format!("CONNECT {connect_to} HTTP/1.1\r\nHost: {connect_to}\r\n\r\n").into_bytes();
+        if pipelined {
+            conn.write_tls(&mut first).map_err(|e| e.to_string())?;
+        }
+        stream.write_all(&first).map_err(|e| e.to_string())?;
+        let head = read_head_blocking(&mut stream)?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("CONNECT refused: {head}"));
+        }
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        let request = format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes())
+            .map_err(|e| format!("tls write: {e}"))?;
+        let mut out = String::new();
+        tls.read_to_string(&mut out)
+            .map_err(|e| format!("tls read: {e}"))?;
+        Ok(out)
+    });
+    tokio::time::timeout(T * 2, work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?
+}
+
+/// Sends raw bytes to the proxy and reads until the proxy closes the connection.
+pub async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    match tokio::time::timeout(T, stream.read_to_end(&mut out)).await {
+        Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => panic!(
+            "the proxy kept the connection open; got {:?}",
+            String::from_utf8_lossy(&out)
+        ),
+    }
+}
+
+/// Reads one response with a content-length body from a kept-alive connection.
+pub async fn read_response(stream: &mut TcpStream) -> String {
+    let work = async {
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                if data.len() >= end + 4 + len {
+                    return String::from_utf8_lossy(&data[..end + 4 + len]).into_owned();
+                }
+            }
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed mid-response: {:?}",
+                String::from_utf8_lossy(&data)
+            );
+            data.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(T, work)
+        .await
+        .expect("a response within the timeout")
+}
+
+/// The flags that let tests reach upstreams on loopback under the name `name`.
+pub fn loopback_pin(name: &str) -> Vec<String> {
+    vec![
+        "--resolve".into(),
+        format!("{name}=127.0.0.1"),
+        "--allow-cidr".into(),
+        "127.0.0.0/8".into(),
+    ]
+}
+
+/// Reads the audit log lines written so far, waiting until at least `n` are there.
+pub fn audit_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + T;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit line {l:?} is not JSON: {e}"))
+            })
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Does a blocking HTTP GET against the admin listener.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    raw(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}

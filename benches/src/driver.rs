@@ -215,7 +215,11 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
                     sample.ops_per_sec(),
                     "tunnels/s",
                 );
-                results.tunnel.entry((c, kind)).or_default().merge(sample);
+                results
+                    .tunnel
+                    .entry((c, kind))
+                    .or_default()
+                    .add_round(sample);
             }
         }
     }
@@ -232,7 +236,7 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
                     sample.gib_per_sec(),
                     "GiB/s",
                 );
-                results.bulk.entry((n, kind)).or_default().merge(sample);
+                results.bulk.entry((n, kind)).or_default().add_round(sample);
             }
         }
     }
@@ -241,7 +245,7 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
             let peer = alive(&mut running, kind)?;
             let sample = scenarios::http(peer.route, origin.addr, plan.http_concurrency, d).await;
             progress("http", kind, round, &sample, sample.ops_per_sec(), "req/s");
-            results.http.entry(kind).or_default().merge(sample);
+            results.http.entry(kind).or_default().add_round(sample);
         }
     }
     for round in 0..plan.rounds {
@@ -259,7 +263,7 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
                 sample.ops_per_sec(),
                 "refusals/s",
             );
-            results.deny.entry(kind).or_default().merge(sample);
+            results.deny.entry(kind).or_default().add_round(sample);
         }
     }
     for round in 0..plan.rounds {
@@ -301,13 +305,21 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
                 denied.ops_per_sec(),
                 "refusals/s",
             );
-            results.flood_baseline.entry(kind).or_default().merge(base);
+            results
+                .flood_baseline
+                .entry(kind)
+                .or_default()
+                .add_round(base);
             results
                 .flood_allowed
                 .entry(kind)
                 .or_default()
-                .merge(allowed);
-            results.flood_denied.entry(kind).or_default().merge(denied);
+                .add_round(allowed);
+            results
+                .flood_denied
+                .entry(kind)
+                .or_default()
+                .add_round(denied);
         }
     }
     for kind in proxies {

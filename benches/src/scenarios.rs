@@ -32,6 +32,8 @@ pub struct Sample {
     pub elapsed: Duration,
     /// Per-operation latency in microseconds.
     pub latencies_us: Vec<u32>,
+    /// Operations and bytes per second of each round added with [`Sample::add_round`].
+    pub round_rates: Vec<(f64, f64)>,
 }
 
 impl Sample {
@@ -47,12 +49,26 @@ impl Sample {
         self.latencies_us.extend(other.latencies_us);
     }
 
-    pub fn ops_per_sec(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    /// Adds one round of the same scenario on the same path, keeping its own rate, so that a
+    /// round disturbed by other work on the machine can be outvoted by the median.
+    pub fn add_round(&mut self, round: Sample) {
+        let secs = round.elapsed.as_secs_f64().max(1e-9);
+        self.round_rates
+            .push((round.ops as f64 / secs, round.bytes as f64 / secs));
+        self.merge(round);
     }
 
+    /// Operations per second: the median over rounds, or the pooled rate of a single run.
+    pub fn ops_per_sec(&self) -> f64 {
+        median(self.round_rates.iter().map(|r| r.0))
+            .unwrap_or(self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9))
+    }
+
+    /// Bytes echoed per second in GiB: the median over rounds, or the pooled rate of one run.
     pub fn gib_per_sec(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / (1u64 << 30) as f64
+        let bytes = median(self.round_rates.iter().map(|r| r.1))
+            .unwrap_or(self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9));
+        bytes / (1u64 << 30) as f64
     }
 
     /// The `q`-quantile (0..=1) of the latencies, in microseconds.
@@ -72,6 +88,20 @@ impl Sample {
             self.first_error = Some(format!("{error:#}"));
         }
     }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.collect();
+    if sorted.is_empty() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    })
 }
 
 async fn run_op<F, T>(sample: &mut Sample, op: F) -> Option<T>

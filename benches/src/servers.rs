@@ -44,9 +44,12 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
+    // A deep accept backlog, so 256 concurrent connects are queued rather than dropped.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .context("cannot bind a loopback port for an upstream server")?;
+    let listener: TcpListener = socket.listen(4096)?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {

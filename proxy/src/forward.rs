@@ -79,9 +79,10 @@ pub async fn forward(
     started: Instant,
 ) -> Response<Body> {
     let method = req.method().clone();
-    let method_text = method.as_str().to_owned();
+    let method_text = method.as_str();
     let uri = req.uri().clone();
-    let shown = uri.to_string();
+    // The request line as the client wrote it; only built when a refusal needs it.
+    let shown = || uri.to_string();
     let authority = match (uri.scheme(), uri.authority()) {
         (Some(s), Some(a)) if *s == Scheme::HTTP => a.clone(),
         (Some(_), Some(a)) => {
@@ -97,7 +98,7 @@ pub async fn forward(
                 Reason::UnsupportedScheme,
                 "only http:// URLs are forwarded; HTTPS goes through a CONNECT tunnel (set HTTPS_PROXY)",
             );
-            return refuse(&state, rec, &err, &method_text, &shown);
+            return refuse(&state, rec, &err, method_text, &shown());
         }
         _ => {
             let rec = record(
@@ -112,7 +113,7 @@ pub async fn forward(
                 Reason::BadRequest,
                 "this is a proxy: send requests in absolute form (GET http://host/path) or use CONNECT",
             );
-            return refuse(&state, rec, &err, &method_text, &shown);
+            return refuse(&state, rec, &err, method_text, &shown());
         }
     };
     let target = match Host::parse(authority.host()) {
@@ -130,7 +131,7 @@ pub async fn forward(
                 Decision::deny(Reason::BadRequest),
             );
             let err = ProxyError::new(Reason::BadRequest, e.to_string());
-            return refuse(&state, rec, &err, &method_text, &shown);
+            return refuse(&state, rec, &err, method_text, &shown());
         }
     };
     let decision = state.core.policy.load().decide(&target, Via::Http);
@@ -144,7 +145,7 @@ pub async fn forward(
     );
     if !rec.decision.allowed {
         let err = explain(&rec.decision, &target, Via::Http);
-        return refuse(&state, rec, &err, &method_text, &shown);
+        return refuse(&state, rec, &err, method_text, &shown());
     }
 
     let (mut parts, body) = req.into_parts();
@@ -163,7 +164,7 @@ pub async fn forward(
                 Reason::BadRequest,
                 "the request's host is not a valid Host header",
             );
-            return refuse(&state, rec, &err, &method_text, &shown);
+            return refuse(&state, rec, &err, method_text, &shown());
         }
     }
     let path = parts
@@ -183,7 +184,7 @@ pub async fn forward(
                 Reason::BadRequest,
                 format!("the request URL is invalid ({e})"),
             );
-            return refuse(&state, rec, &err, &method_text, &shown);
+            return refuse(&state, rec, &err, method_text, &shown());
         }
     };
     parts.version = Version::HTTP_11;
@@ -216,7 +217,7 @@ pub async fn forward(
                     format!("the upstream failed ({})", error_chain(&e)),
                 )
             });
-            refuse(&state, rec, &err, &method_text, &shown)
+            refuse(&state, rec, &err, method_text, &shown())
         }
     }
 }

@@ -160,7 +160,6 @@ async fn connect_tunnel(
             return refuse(&state, rec, &err, "CONNECT", authority);
         }
     };
-    let shown = target.to_string();
     let policy = state.core.policy.load_full();
     let decision = policy.decide(&target, Via::Connect);
     let mut rec = record(
@@ -173,11 +172,11 @@ async fn connect_tunnel(
     );
     if !rec.decision.allowed {
         let err = explain(&rec.decision, &target, Via::Connect);
-        return refuse(&state, rec, &err, "CONNECT", &shown);
+        return refuse(&state, rec, &err, "CONNECT", &target.to_string());
     }
     let (upstream, addr) = match connect(&state.core, &policy, &target).await {
         Ok(c) => c,
-        Err(err) => return refuse(&state, rec, &err, "CONNECT", &shown),
+        Err(err) => return refuse(&state, rec, &err, "CONNECT", &target.to_string()),
     };
     rec.resolved = Some(addr);
     let on_upgrade = hyper::upgrade::on(&mut req);

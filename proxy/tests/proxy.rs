@@ -915,3 +915,112 @@ async fn curl_through_the_proxy_the_worked_readme_example() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_lines_go_to_stdout_with_a_dash_and_logs_stay_on_stderr_as_json() {
+    let proxy = start(&["--audit-log", "-", "--log-format", "json"], &[]);
+    raw(
+        proxy.addr,
+        b"CONNECT nope.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let lines = proxy.wait_for_stdout_lines(1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(line["reason"], "not_allowed");
+    assert!(proxy.wait_for_stderr("\"denied\""), "{}", proxy.stderr());
+    let log = proxy
+        .stderr()
+        .lines()
+        .find(|l| l.contains("\"denied\""))
+        .unwrap()
+        .to_owned();
+    let log: serde_json::Value = serde_json::from_str(&log).expect("json logs");
+    assert_eq!(log["level"], "INFO");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_urls_in_absolute_form_are_refused_with_a_hint_to_use_connect() {
+    let proxy = start(&["--allow", "all"], &[]);
+    let out = raw(
+        proxy.addr,
+        b"GET https://github.com/ HTTP/1.1\r\nHost: github.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert_eq!(header(&out, "x-paude-deny"), Some("unsupported_scheme"));
+    assert!(out.contains("CONNECT"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_are_closed_after_the_idle_timeout() {
+    let echo = echo_upstream().await;
+    let target = format!("echo.test:{}", echo.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &target,
+            "--allow-opaque",
+            "--idle-timeout",
+            "300ms",
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("the idle tunnel is closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).ends_with("ping"), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_new_clients_until_a_slot_frees() {
+    let echo = echo_upstream().await;
+    let target = format!("echo.test:{}", echo.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &target,
+            "--allow-opaque",
+            "--max-connections",
+            "1",
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
+    first
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nhold").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(T, first.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The tunnel holds the only slot: a second client is not served.
+    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+    second
+        .write_all(b"GET http://nope.test/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf))
+            .await
+            .is_err(),
+        "the second client must wait"
+    );
+    drop(first);
+    let n = tokio::time::timeout(T, second.read(&mut buf))
+        .await
+        .expect("served once the slot frees")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 403"));
+}

@@ -32,6 +32,7 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
 }
 
 impl Proxy {
@@ -52,7 +53,7 @@ impl Proxy {
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("the paude-proxy binary runs");
@@ -65,6 +66,16 @@ impl Proxy {
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
                 let _ = tx.send(line);
+            }
+        });
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let out_pipe = child.stdout.take().expect("stdout is piped");
+        let out_sink = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                let mut out = out_sink.lock().unwrap();
+                out.push_str(&line);
+                out.push('\n');
             }
         });
         let mut addr = None;
@@ -94,12 +105,30 @@ impl Proxy {
             addr: addr.expect("address parsed"),
             admin,
             stderr,
+            stdout,
         })
     }
 
     /// Everything the proxy wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Everything the proxy wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits until stdout holds at least `n` lines.
+    pub fn wait_for_stdout_lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + T;
+        loop {
+            let lines: Vec<String> = self.stdout().lines().map(str::to_owned).collect();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until stderr contains `needle`.

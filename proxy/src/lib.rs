@@ -6,7 +6,8 @@
 //! - [`server`]: accept loop, connection limit, graceful shutdown; the shared [`server::Core`].
 //! - [`handler`]: one request: parse the target ([`host`]), ask the [`policy`], then
 //!   [`tunnel`] for CONNECT or [`forward`] for absolute-form HTTP.
-//! - [`tunnel`]: the SNI guard ([`tls`]) on the first bytes, then a byte copy both ways.
+//! - [`tunnel`]: the SNI guard ([`tls`]) on the first bytes, then a zero-copy relay both ways
+//!   (`splice`, on Linux).
 //! - [`forward`]: the pooled HTTP/1 client, hop-by-hop header stripping.
 //! - [`connect`]: the only outbound socket: resolve once ([`dns`]), check every address, dial
 //!   the checked address.
@@ -28,6 +29,8 @@ pub mod host;
 pub mod policy;
 pub mod reload;
 pub mod server;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod tls;
 pub mod tunnel;
 

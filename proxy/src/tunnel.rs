@@ -119,9 +119,70 @@ fn finish(state: &State, record: &Record) {
     state.finish(record);
 }
 
-/// Copies both ways until both sides have closed, nothing moved for `idle`, or `stop` fires.
-/// Returns the bytes sent up (client to upstream) and down.
+/// Relays both ways with splice(2) until both sides have closed, either side fails, nothing
+/// moved for `idle`, or `stop` fires. Returns the bytes sent up (client to upstream) and down.
+#[cfg(target_os = "linux")]
 async fn pump(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> (u64, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use crate::splice::{relay, Pipe};
+
+    let (pipe_up, pipe_down) = match (Pipe::new(), Pipe::new()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot create a pipe for splice ({e}); copying through user space");
+            return pump_copy(client, upstream, idle, stop).await;
+        }
+    };
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let to_upstream = relay(client, upstream, &pipe_up, &up);
+    let to_client = relay(upstream, client, &pipe_down, &down);
+    tokio::pin!(to_upstream, to_client);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+    let mut seen = 0u64;
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut to_upstream, if !up_done => {
+                up_done = true;
+                if r.is_err() { break; }
+            }
+            r = &mut to_client, if !down_done => {
+                down_done = true;
+                if r.is_err() { break; }
+            }
+            _ = ticks.tick() => {
+                let total = up.load(Ordering::Relaxed) + down.load(Ordering::Relaxed);
+                if total == seen {
+                    tracing::debug!("tunnel idle for {idle:?}: closing");
+                    break;
+                }
+                seen = total;
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    (up.load(Ordering::Relaxed), down.load(Ordering::Relaxed))
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn pump(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    stop: &CancellationToken,
+) -> (u64, u64) {
+    pump_copy(client, upstream, idle, stop).await
+}
+
+/// Copies both ways through user-space buffers until both sides have closed, nothing moved
+/// for `idle`, or `stop` fires. Returns the bytes sent up (client to upstream) and down.
+async fn pump_copy(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Duration,

@@ -1024,3 +1024,62 @@ async fn the_connection_limit_holds_new_clients_until_a_slot_frees() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 403"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transfers_through_a_tunnel_arrive_intact_and_are_counted() {
+    let echo = echo_upstream().await;
+    let target = format!("echo.test:{}", echo.port());
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let proxy = start(
+        &[
+            "--allow",
+            &target,
+            "--allow-opaque",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(T, s.read_exact(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let payload: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let (mut r, mut w) = s.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(payload.len());
+    tokio::time::timeout(T * 3, r.read_to_end(&mut back))
+        .await
+        .expect("echoed in time")
+        .unwrap();
+    tokio::time::timeout(T, writer).await.unwrap().unwrap();
+    assert!(
+        back == payload,
+        "the echoed bytes differ from the sent bytes"
+    );
+    let lines = audit_lines(&audit, 1);
+    assert_eq!(lines[0]["bytes_up"], payload.len() as u64, "{lines:?}");
+    assert_eq!(lines[0]["bytes_down"], payload.len() as u64, "{lines:?}");
+    assert_eq!(lines[0]["resolved"], format!("127.0.0.1:{}", echo.port()));
+}

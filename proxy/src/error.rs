@@ -235,3 +235,17 @@ fn is_metadata(ip: IpAddr) -> bool {
     ip == IpAddr::from([169, 254, 169, 254])
         || ip == IpAddr::from([0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_reason_in_declaration_order() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason}");
+        }
+        let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.code()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len(), "codes are unique");
+    }
+}

@@ -1,6 +1,6 @@
 //! Zero-copy relaying for tunnels on Linux: bytes move socket → pipe → socket with
-//! `splice(2)` and never enter user space. Each direction owns a pipe; readiness comes from
-//! tokio, so a direction waits without a thread.
+//! `splice(2)` and never enter user space. Each direction owns a pipe, made when its first
+//! bytes arrive; readiness comes from tokio, so a direction waits without a thread.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,13 +13,13 @@ use tokio::net::TcpStream;
 const CHUNK: usize = 64 * 1024;
 
 /// A non-blocking pipe that carries one direction of a tunnel.
-pub struct Pipe {
+struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    fn new() -> io::Result<Pipe> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
@@ -51,17 +51,18 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves bytes from `src` to `dst` until `src` reaches end of stream, then shuts down the
+/// Moves bytes from `src` to `dst` through a pipe until `src` reaches end of stream, then shuts down the
 /// write side of `dst`. Adds every byte moved to `moved`. The pipe is always drained before
 /// the next read, so a full pipe never masquerades as an idle socket.
-pub async fn relay(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe: &Pipe,
-    moved: &AtomicU64,
-) -> io::Result<()> {
+pub async fn relay(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
+    // The pipe is made when the first bytes arrive, so idle tunnels hold no pipe descriptors.
+    let mut pipe = None;
     loop {
         src.readable().await?;
+        let pipe: &Pipe = match &mut pipe {
+            Some(p) => p,
+            slot => slot.insert(Pipe::new()?),
+        };
         let n = match src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
         }) {

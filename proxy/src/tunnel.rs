@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+#[cfg(not(target_os = "linux"))]
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +22,8 @@ use crate::policy::Decision;
 use crate::server::State;
 use crate::tls::{read_client_hello, FirstBytes};
 
-/// Copy buffer per direction.
+/// Copy buffer per direction, where splice(2) is not available.
+#[cfg(not(target_os = "linux"))]
 const BUF_SIZE: usize = 32 * 1024;
 
 /// Runs one tunnel to completion and records it. `_permit` holds the connection slot.
@@ -130,18 +133,11 @@ async fn pump(
 ) -> (u64, u64) {
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use crate::splice::{relay, Pipe};
+    use crate::splice::relay;
 
-    let (pipe_up, pipe_down) = match (Pipe::new(), Pipe::new()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!("cannot create a pipe for splice ({e}); copying through user space");
-            return pump_copy(client, upstream, idle, stop).await;
-        }
-    };
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let to_upstream = relay(client, upstream, &pipe_up, &up);
-    let to_client = relay(upstream, client, &pipe_down, &down);
+    let to_upstream = relay(client, upstream, &up);
+    let to_client = relay(upstream, client, &down);
     tokio::pin!(to_upstream, to_client);
     let (mut up_done, mut down_done) = (false, false);
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
@@ -150,11 +146,17 @@ async fn pump(
         tokio::select! {
             r = &mut to_upstream, if !up_done => {
                 up_done = true;
-                if r.is_err() { break; }
+                if let Err(e) = r {
+                    tracing::debug!("relaying to the upstream failed: {e}");
+                    break;
+                }
             }
             r = &mut to_client, if !down_done => {
                 down_done = true;
-                if r.is_err() { break; }
+                if let Err(e) = r {
+                    tracing::debug!("relaying to the client failed: {e}");
+                    break;
+                }
             }
             _ = ticks.tick() => {
                 let total = up.load(Ordering::Relaxed) + down.load(Ordering::Relaxed);
@@ -180,6 +182,7 @@ async fn pump(
     pump_copy(client, upstream, idle, stop).await
 }
 
+#[cfg(not(target_os = "linux"))]
 /// Copies both ways through user-space buffers until both sides have closed, nothing moved
 /// for `idle`, or `stop` fires. Returns the bytes sent up (client to upstream) and down.
 async fn pump_copy(

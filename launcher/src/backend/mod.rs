@@ -19,6 +19,8 @@ use crate::cli::{BackendKind, Global};
 use crate::plan::Plan;
 use crate::spec::SessionName;
 
+pub mod openshift;
+
 /// The state of a session as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionState {
@@ -162,8 +164,6 @@ pub async fn open(global: &Global) -> Result<Box<dyn Backend>> {
         BackendKind::Podman => {
             anyhow::bail!("the podman backend is not part of this build yet")
         }
-        BackendKind::Openshift => {
-            anyhow::bail!("the openshift backend is not part of this build yet")
-        }
+        BackendKind::Openshift => Ok(Box::new(openshift::OpenShiftBackend::open(global).await?)),
     }
 }

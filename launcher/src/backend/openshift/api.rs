@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolumeClaim, Pod, Service,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams,
@@ -133,7 +131,12 @@ pub async fn apply_build_objects(client: &Client, namespace: &str, m: &Manifests
 
 /// Whether the ImageStream already holds an image for this input hash (then nothing is
 /// rebuilt unless `--rebuild`).
-pub async fn image_exists(client: &Client, namespace: &str, stream: &str, tag: &str) -> Result<bool> {
+pub async fn image_exists(
+    client: &Client,
+    namespace: &str,
+    stream: &str,
+    tag: &str,
+) -> Result<bool> {
     let found = Api::<DynamicObject>::namespaced_with(
         client.clone(),
         namespace,
@@ -168,7 +171,8 @@ pub async fn build_image(
     let Some(build_name) = build["metadata"]["name"].as_str() else {
         bail!("the cluster started a build of {stream} but did not name it");
     };
-    let builds = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &build_resource());
+    let builds =
+        Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &build_resource());
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let current = builds
@@ -246,8 +250,13 @@ pub async fn apply_proxy(client: &Client, namespace: &str, m: &Manifests) -> Res
     }
 }
 
-/// Applies the agent StatefulSet (the last object of a create).
+/// Applies the agent's files and its StatefulSet (the last object of a create).
 pub async fn apply_agent(client: &Client, namespace: &str, m: &Manifests) -> Result<()> {
+    let files = m.agent_files.metadata.name.clone().unwrap_or_default();
+    Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(&files, &apply_params(), &Patch::Apply(&m.agent_files))
+        .await
+        .with_context(|| format!("cannot apply ConfigMap {files}"))?;
     let name = m.agent.metadata.name.clone().unwrap_or_default();
     Api::<StatefulSet>::namespaced(client.clone(), namespace)
         .patch(&name, &apply_params(), &Patch::Apply(&m.agent))
@@ -288,36 +297,77 @@ pub fn no_such_session(session: &str, namespace: &str) -> String {
 /// Deletes every object of the session, workloads first and NetworkPolicies last so the
 /// agent is isolated until it is gone. Objects already missing are not an error, so a delete
 /// that was interrupted can be repeated.
-pub async fn delete(client: &Client, namespace: &str, session: &str, openshift: bool) -> Result<()> {
+pub async fn delete(
+    client: &Client,
+    namespace: &str,
+    session: &str,
+    openshift: bool,
+) -> Result<()> {
     let names = Names::new(session);
     let selector = format!("{SESSION_LABEL}={session}");
     let dp = DeleteParams::foreground();
     let c = || client.clone();
     let mut found = false;
-    found |= gone(Api::<StatefulSet>::namespaced(c(), namespace).delete(&names.agent, &dp).await)?;
-    found |= gone(Api::<Deployment>::namespaced(c(), namespace).delete(&names.proxy, &dp).await)?;
-    found |= gone(Api::<Service>::namespaced(c(), namespace).delete(&names.proxy, &dp).await)?;
-    found |= gone(Api::<ConfigMap>::namespaced(c(), namespace).delete(&names.proxy, &dp).await)?;
+    found |= gone(
+        Api::<StatefulSet>::namespaced(c(), namespace)
+            .delete(&names.agent, &dp)
+            .await,
+    )?;
+    found |= gone(
+        Api::<Deployment>::namespaced(c(), namespace)
+            .delete(&names.proxy, &dp)
+            .await,
+    )?;
+    found |= gone(
+        Api::<Service>::namespaced(c(), namespace)
+            .delete(&names.proxy, &dp)
+            .await,
+    )?;
+    let maps = Api::<ConfigMap>::namespaced(c(), namespace);
+    found |= gone(maps.delete(&names.agent_files, &dp).await)?;
+    found |= gone(maps.delete(&names.proxy, &dp).await)?;
     let claims = Api::<PersistentVolumeClaim>::namespaced(c(), namespace);
-    for claim in claims.list(&ListParams::default().labels(&selector)).await? {
+    for claim in claims
+        .list(&ListParams::default().labels(&selector))
+        .await?
+    {
         let name = claim.metadata.name.unwrap_or_default();
         found |= gone(claims.delete(&name, &dp).await)?;
     }
     if openshift {
-        let configs = Api::<DynamicObject>::namespaced_with(c(), namespace, &build_config_resource());
+        let configs =
+            Api::<DynamicObject>::namespaced_with(c(), namespace, &build_config_resource());
         let builds = Api::<DynamicObject>::namespaced_with(c(), namespace, &build_resource());
-        for config in configs.list(&ListParams::default().labels(&selector)).await? {
+        for config in configs
+            .list(&ListParams::default().labels(&selector))
+            .await?
+        {
             let name = config.metadata.name.unwrap_or_default();
             // Builds carry their BuildConfig's name, not the session's labels.
             let of_config = format!("openshift.io/build-config.name={name}");
-            for build in builds.list(&ListParams::default().labels(&of_config)).await? {
-                gone(builds.delete(&build.metadata.name.unwrap_or_default(), &dp).await)?;
+            for build in builds
+                .list(&ListParams::default().labels(&of_config))
+                .await?
+            {
+                gone(
+                    builds
+                        .delete(&build.metadata.name.unwrap_or_default(), &dp)
+                        .await,
+                )?;
             }
             found |= gone(configs.delete(&name, &dp).await)?;
         }
-        let streams = Api::<DynamicObject>::namespaced_with(c(), namespace, &image_stream_resource());
-        for stream in streams.list(&ListParams::default().labels(&selector)).await? {
-            found |= gone(streams.delete(&stream.metadata.name.unwrap_or_default(), &dp).await)?;
+        let streams =
+            Api::<DynamicObject>::namespaced_with(c(), namespace, &image_stream_resource());
+        for stream in streams
+            .list(&ListParams::default().labels(&selector))
+            .await?
+        {
+            found |= gone(
+                streams
+                    .delete(&stream.metadata.name.unwrap_or_default(), &dp)
+                    .await,
+            )?;
         }
     }
     let policies = Api::<NetworkPolicy>::namespaced(c(), namespace);
@@ -345,7 +395,8 @@ pub struct SessionRow {
     /// `running`, `starting` or `stopped`.
     pub state: String,
     pub agent: String,
-    pub created: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created: Option<i64>,
 }
 
 /// The sessions in the namespace, found by the labels on their StatefulSets (no state is kept
@@ -395,7 +446,7 @@ fn row(statefulset: &StatefulSet) -> SessionRow {
             .metadata
             .creation_timestamp
             .as_ref()
-            .map(|t| t.0.to_string()),
+            .map(|t| t.0.as_second()),
     }
 }
 
@@ -417,22 +468,27 @@ pub async fn proxy_config(client: &Client, namespace: &str, session: &str) -> Re
         })
 }
 
-/// Replaces the proxy's configuration. Only the ConfigMap changes: the kubelet updates the
-/// mounted file and paude-proxy reloads it, so neither pod restarts.
+/// Replaces the proxy's configuration. Only the ConfigMap's data changes (a merge patch, so
+/// its labels and everything else stay): the kubelet updates the mounted file and
+/// paude-proxy reloads it, so neither pod restarts.
 pub async fn set_proxy_config(
     client: &Client,
-    session: &Session,
+    namespace: &str,
+    session: &str,
     config: &str,
 ) -> Result<()> {
-    let mut session = session.clone();
-    session.proxy_config = config.to_string();
-    let map = session.proxy_config_map();
-    let name = map.metadata.name.clone().unwrap_or_default();
-    Api::<ConfigMap>::namespaced(client.clone(), &session.namespace)
-        .patch(&name, &apply_params(), &Patch::Apply(&map))
+    let names = Names::new(session);
+    let patch = Patch::Merge(json!({ "data": { PROXY_CONFIG_KEY: config } }));
+    match Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .patch(&names.proxy, &PatchParams::default(), &patch)
         .await
-        .with_context(|| format!("cannot update ConfigMap {name}"))?;
-    Ok(())
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => {
+            bail!(no_such_session(session, namespace))
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot update ConfigMap {}", names.proxy)),
+    }
 }
 
 /// The proxy's audit log (JSON lines on its stdout).

@@ -27,7 +27,10 @@ enum Peer<'a> {
 }
 
 fn namespace_labels(namespace: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([("kubernetes.io/metadata.name".to_string(), namespace.to_string())])
+    BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_string(),
+        namespace.to_string(),
+    )])
 }
 
 fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
@@ -67,8 +70,7 @@ fn peer_matches(peer: &NetworkPolicyPeer, own_namespace: &str, other: &Peer) -> 
             Peer::External(ip) => *ip,
             Peer::Pod(_) => return false,
         };
-        return in_cidr(ip, &block.cidr)
-            && !block.except.iter().flatten().any(|e| in_cidr(ip, e));
+        return in_cidr(ip, &block.cidr) && !block.except.iter().flatten().any(|e| in_cidr(ip, e));
     }
     let Peer::Pod(pod) = other else {
         return false;
@@ -123,13 +125,20 @@ fn allowed(policies: &[NetworkPolicy], from: &Pod, to: &Peer, port: i32, protoco
     let egress = selecting(from, "Egress");
     let egress_ok = egress.is_empty()
         || egress.iter().any(|p| {
-            p.spec.as_ref().unwrap().egress.iter().flatten().any(|rule| {
-                port_matches(&rule.ports, port, protocol)
-                    && rule
-                        .to
-                        .as_ref()
-                        .is_none_or(|peers| peers.iter().any(|peer| peer_matches(peer, from.namespace, to)))
-            })
+            p.spec
+                .as_ref()
+                .unwrap()
+                .egress
+                .iter()
+                .flatten()
+                .any(|rule| {
+                    port_matches(&rule.ports, port, protocol)
+                        && rule.to.as_ref().is_none_or(|peers| {
+                            peers
+                                .iter()
+                                .any(|peer| peer_matches(peer, from.namespace, to))
+                        })
+                })
         });
     let ingress_ok = match to {
         Peer::External(_) => true,
@@ -137,14 +146,20 @@ fn allowed(policies: &[NetworkPolicy], from: &Pod, to: &Peer, port: i32, protoco
             let ingress = selecting(target, "Ingress");
             ingress.is_empty()
                 || ingress.iter().any(|p| {
-                    p.spec.as_ref().unwrap().ingress.iter().flatten().any(|rule| {
-                        port_matches(&rule.ports, port, protocol)
-                            && rule.from.as_ref().is_none_or(|peers| {
-                                peers
-                                    .iter()
-                                    .any(|peer| peer_matches(peer, target.namespace, &Peer::Pod(from)))
-                            })
-                    })
+                    p.spec
+                        .as_ref()
+                        .unwrap()
+                        .ingress
+                        .iter()
+                        .flatten()
+                        .any(|rule| {
+                            port_matches(&rule.ports, port, protocol)
+                                && rule.from.as_ref().is_none_or(|peers| {
+                                    peers.iter().any(|peer| {
+                                        peer_matches(peer, target.namespace, &Peer::Pod(from))
+                                    })
+                                })
+                        })
                 })
         }
     };
@@ -216,14 +231,29 @@ fn agent_egress_reaches_only_its_proxy_port() {
         let w = world(session(flavor));
         let p = &w.policies;
         assert!(allowed(p, &w.agent, &Peer::Pod(&w.proxy), 3128, "TCP"));
-        assert!(!allowed(p, &w.agent, &Peer::Pod(&w.proxy), 9090, "TCP"), "admin port");
+        assert!(
+            !allowed(p, &w.agent, &Peer::Pod(&w.proxy), 9090, "TCP"),
+            "admin port"
+        );
         assert!(!allowed(p, &w.agent, &Peer::Pod(&w.proxy), 3128, "UDP"));
-        assert!(!allowed(p, &w.agent, &Peer::Pod(&w.other_proxy), 3128, "TCP"), "another session's proxy");
+        assert!(
+            !allowed(p, &w.agent, &Peer::Pod(&w.other_proxy), 3128, "TCP"),
+            "another session's proxy"
+        );
         assert!(!allowed(p, &w.agent, &Peer::Pod(&w.bystander), 80, "TCP"));
         assert!(!allowed(p, &w.agent, &Peer::Pod(&w.other_agent), 22, "TCP"));
-        for ip in ["93.184.216.34", "169.254.169.254", "10.0.0.1", "8.8.8.8", "2001:4860::8888"] {
+        for ip in [
+            "93.184.216.34",
+            "169.254.169.254",
+            "10.0.0.1",
+            "8.8.8.8",
+            "2001:4860::8888",
+        ] {
             for port in [80, 443, 3128] {
-                assert!(!allowed(p, &w.agent, &external(ip), port, "TCP"), "{ip}:{port}");
+                assert!(
+                    !allowed(p, &w.agent, &external(ip), port, "TCP"),
+                    "{ip}:{port}"
+                );
             }
         }
     }
@@ -233,8 +263,20 @@ fn agent_egress_reaches_only_its_proxy_port() {
 fn agent_gets_no_dns_at_all() {
     let w = world(session(Flavor::OpenShift));
     for (port, protocol) in [(53, "UDP"), (53, "TCP"), (5353, "UDP"), (5353, "TCP")] {
-        assert!(!allowed(&w.policies, &w.agent, &Peer::Pod(&w.dns), port, protocol));
-        assert!(!allowed(&w.policies, &w.agent, &external("8.8.8.8"), port, protocol));
+        assert!(!allowed(
+            &w.policies,
+            &w.agent,
+            &Peer::Pod(&w.dns),
+            port,
+            protocol
+        ));
+        assert!(!allowed(
+            &w.policies,
+            &w.agent,
+            &external("8.8.8.8"),
+            port,
+            protocol
+        ));
     }
 }
 
@@ -243,7 +285,13 @@ fn proxy_accepts_only_its_own_agent() {
     let w = world(session(Flavor::Kubernetes));
     let p = &w.policies;
     assert!(allowed(p, &w.agent, &Peer::Pod(&w.proxy), 3128, "TCP"));
-    assert!(!allowed(p, &w.other_agent, &Peer::Pod(&w.proxy), 3128, "TCP"));
+    assert!(!allowed(
+        p,
+        &w.other_agent,
+        &Peer::Pod(&w.proxy),
+        3128,
+        "TCP"
+    ));
     assert!(!allowed(p, &w.bystander, &Peer::Pod(&w.proxy), 3128, "TCP"));
     assert!(!allowed(p, &w.dns, &Peer::Pod(&w.proxy), 3128, "TCP"));
     // Nothing may open a connection to the agent, not even its proxy.
@@ -258,8 +306,23 @@ fn proxy_reaches_dns_and_the_internet_but_not_private_networks() {
     assert!(allowed(p, &w.proxy, &Peer::Pod(&w.dns), 53, "UDP"));
     assert!(allowed(p, &w.proxy, &Peer::Pod(&w.dns), 5353, "TCP"));
     assert!(allowed(p, &w.proxy, &external("93.184.216.34"), 443, "TCP"));
-    assert!(allowed(p, &w.proxy, &external("2606:4700::1111"), 443, "TCP"));
-    for ip in ["169.254.169.254", "10.1.2.3", "172.16.0.1", "192.168.1.1", "127.0.0.1", "100.64.0.1", "fd00::1", "fe80::1"] {
+    assert!(allowed(
+        p,
+        &w.proxy,
+        &external("2606:4700::1111"),
+        443,
+        "TCP"
+    ));
+    for ip in [
+        "169.254.169.254",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "127.0.0.1",
+        "100.64.0.1",
+        "fd00::1",
+        "fe80::1",
+    ] {
         assert!(!allowed(p, &w.proxy, &external(ip), 443, "TCP"), "{ip}");
     }
     assert!(!allowed(p, &w.proxy, &Peer::Pod(&w.bystander), 80, "TCP"));
@@ -270,9 +333,27 @@ fn proxy_allow_cidr_opens_exactly_that_network() {
     let mut demo = session(Flavor::Kubernetes);
     demo.proxy_allow_cidrs = vec!["10.20.0.0/16".into()];
     let w = world(demo);
-    assert!(allowed(&w.policies, &w.proxy, &external("10.20.3.4"), 443, "TCP"));
-    assert!(!allowed(&w.policies, &w.proxy, &external("10.21.0.1"), 443, "TCP"));
-    assert!(!allowed(&w.policies, &w.agent, &external("10.20.3.4"), 443, "TCP"));
+    assert!(allowed(
+        &w.policies,
+        &w.proxy,
+        &external("10.20.3.4"),
+        443,
+        "TCP"
+    ));
+    assert!(!allowed(
+        &w.policies,
+        &w.proxy,
+        &external("10.21.0.1"),
+        443,
+        "TCP"
+    ));
+    assert!(!allowed(
+        &w.policies,
+        &w.agent,
+        &external("10.20.3.4"),
+        443,
+        "TCP"
+    ));
 }
 
 /// Guards the evaluator itself: without the session's policies everything is open, so the

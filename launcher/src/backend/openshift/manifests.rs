@@ -13,9 +13,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount, VolumeResourceRequirements,
+    EnvVar, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
+    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -36,6 +37,14 @@ pub const PROXY_CONFIG_KEY: &str = "config.toml";
 pub const SESSION_LABEL: &str = "paude.session";
 /// The label that tells the agent's objects from the proxy's.
 pub const ROLE_LABEL: &str = "paude.role";
+/// Role label values, the same words the plan uses for every backend.
+pub const ROLE_AGENT: &str = "agent";
+pub const ROLE_PROXY: &str = "proxy";
+pub const ROLE_INTERNAL_NETWORK: &str = "internal-network";
+pub const ROLE_EGRESS_NETWORK: &str = "egress-network";
+pub const ROLE_PROXY_CONFIG: &str = "proxy-config";
+pub const ROLE_DATA: &str = "data";
+pub const ROLE_IMAGE: &str = "image";
 /// The name of the StatefulSet's volume claim template; the PVC is `data-<statefulset>-0`.
 pub const DATA_CLAIM: &str = "data";
 /// Written into the agent's proxy variables by `--dry-run`, where no Service address exists
@@ -62,12 +71,20 @@ pub struct ImageRef {
     pub pull: String,
 }
 
-/// CPU and memory for the agent container; requests equal limits so the pod is never
-/// overcommitted on a busy node.
+/// CPU and memory for a container, as Kubernetes quantities; requests equal limits so the
+/// pod is never overcommitted on a busy node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Resources {
     pub memory: Option<String>,
     pub cpus: Option<String>,
+}
+
+/// A file placed read-only in the agent container (from a ConfigMap, owned by root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    pub path: String,
+    pub contents: String,
+    pub mode: i32,
 }
 
 /// Everything the manifests depend on, decided before rendering (by the plan and the cluster
@@ -81,17 +98,27 @@ pub struct Session {
     pub labels: BTreeMap<String, String>,
     pub agent_image: ImageRef,
     pub proxy_image: ImageRef,
-    /// The agent's environment without the proxy variables, which are added here because only
-    /// the cluster knows the proxy's address.
-    pub agent_env: Vec<(String, String)>,
-    /// The agent container's command (it starts tmux and keeps the pod alive).
-    pub agent_command: Vec<String>,
+    /// The agent's whole environment as the plan decided it, with [`DRY_RUN_PROXY_HOST`]
+    /// where the proxy's address goes: only the cluster knows that address, and
+    /// [`Session::manifests`] fills it in.
+    pub agent_env: BTreeMap<String, String>,
+    /// Arguments to the agent image's entry point (which starts them inside tmux).
+    pub agent_args: Vec<String>,
+    /// Files placed read-only in the agent container.
+    pub agent_files: Vec<File>,
     pub workdir: String,
+    /// The agent's home: the data volume is mounted here (the workspace lives inside it).
     pub home: String,
-    pub uid: i64,
+    pub agent_uid: i64,
+    pub agent_gid: i64,
+    pub proxy_uid: i64,
+    /// Whether PID 1 must reap zombies (the pod shares its process namespace with the pause
+    /// container, which does).
+    pub init: bool,
     /// paude-proxy's configuration file, as the plan rendered it for a pod.
     pub proxy_config: String,
     pub resources: Resources,
+    pub proxy_resources: Resources,
     pub pvc_size: String,
     pub storage_class: Option<String>,
     /// Networks outside the cluster's private ranges that the proxy may still reach (the
@@ -106,6 +133,7 @@ pub struct Manifests {
     pub agent_policy: NetworkPolicy,
     pub proxy_policy: NetworkPolicy,
     pub proxy_config: ConfigMap,
+    pub agent_files: ConfigMap,
     pub proxy_service: Service,
     pub proxy: Deployment,
     pub agent: StatefulSet,
@@ -121,6 +149,7 @@ pub struct Names {
     pub agent_pod: String,
     pub proxy: String,
     pub data_claim: String,
+    pub agent_files: String,
     pub agent_policy: String,
     pub proxy_policy: String,
 }
@@ -131,6 +160,7 @@ impl Names {
         Names {
             agent_pod: format!("{agent}-0"),
             data_claim: format!("{DATA_CLAIM}-{agent}-0"),
+            agent_files: format!("paude-{session}-agent-files"),
             agent_policy: format!("paude-{session}-agent-egress"),
             proxy_policy: format!("paude-{session}-proxy-ingress"),
             proxy: format!("paude-{session}-proxy"),
@@ -153,7 +183,10 @@ pub fn check_name(name: &str) -> anyhow::Result<()> {
         .bytes()
         .next()
         .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
     if !ok_chars || !ok_ends || name.len() > MAX_SESSION_NAME {
         anyhow::bail!(
             "session name {name:?} cannot name cluster objects: use at most {MAX_SESSION_NAME} \
@@ -194,6 +227,7 @@ impl Session {
             agent_policy: self.agent_policy(),
             proxy_policy: self.proxy_policy(),
             proxy_config: self.proxy_config_map(),
+            agent_files: self.agent_files_map(),
             proxy_service: self.proxy_service(),
             proxy: self.proxy_deployment(),
             agent: self.agent_statefulset(proxy_host),
@@ -209,10 +243,10 @@ impl Session {
     pub fn agent_policy(&self) -> NetworkPolicy {
         let names = Names::new(&self.name);
         NetworkPolicy {
-            metadata: self.meta(&names.agent_policy, "agent"),
+            metadata: self.meta(&names.agent_policy, ROLE_INTERNAL_NETWORK),
             spec: Some(NetworkPolicySpec {
                 pod_selector: Some(LabelSelector {
-                    match_labels: Some(self.selector("agent")),
+                    match_labels: Some(self.selector(ROLE_AGENT)),
                     ..LabelSelector::default()
                 }),
                 policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
@@ -220,7 +254,7 @@ impl Session {
                 egress: Some(vec![NetworkPolicyEgressRule {
                     to: Some(vec![NetworkPolicyPeer {
                         pod_selector: Some(LabelSelector {
-                            match_labels: Some(self.selector("proxy")),
+                            match_labels: Some(self.selector(ROLE_PROXY)),
                             ..LabelSelector::default()
                         }),
                         ..NetworkPolicyPeer::default()
@@ -240,30 +274,36 @@ impl Session {
         let dns_ports = [53, 5353]
             .into_iter()
             .flat_map(|port| {
-                ["UDP", "TCP"].into_iter().map(move |protocol| NetworkPolicyPort {
-                    port: Some(IntOrString::Int(port)),
-                    protocol: Some(protocol.into()),
-                    ..NetworkPolicyPort::default()
-                })
+                ["UDP", "TCP"]
+                    .into_iter()
+                    .map(move |protocol| NetworkPolicyPort {
+                        port: Some(IntOrString::Int(port)),
+                        protocol: Some(protocol.into()),
+                        ..NetworkPolicyPort::default()
+                    })
             })
             .collect();
         let mut internet = vec![
             ip_block("0.0.0.0/0", PRIVATE_V4),
             ip_block("::/0", PRIVATE_V6),
         ];
-        internet.extend(self.proxy_allow_cidrs.iter().map(|cidr| ip_block(cidr, &[])));
+        internet.extend(
+            self.proxy_allow_cidrs
+                .iter()
+                .map(|cidr| ip_block(cidr, &[])),
+        );
         NetworkPolicy {
-            metadata: self.meta(&names.proxy_policy, "proxy"),
+            metadata: self.meta(&names.proxy_policy, ROLE_EGRESS_NETWORK),
             spec: Some(NetworkPolicySpec {
                 pod_selector: Some(LabelSelector {
-                    match_labels: Some(self.selector("proxy")),
+                    match_labels: Some(self.selector(ROLE_PROXY)),
                     ..LabelSelector::default()
                 }),
                 policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
                 ingress: Some(vec![NetworkPolicyIngressRule {
                     from: Some(vec![NetworkPolicyPeer {
                         pod_selector: Some(LabelSelector {
-                            match_labels: Some(self.selector("agent")),
+                            match_labels: Some(self.selector(ROLE_AGENT)),
                             ..LabelSelector::default()
                         }),
                         ..NetworkPolicyPeer::default()
@@ -289,7 +329,7 @@ impl Session {
 
     pub fn proxy_config_map(&self) -> ConfigMap {
         ConfigMap {
-            metadata: self.meta(&Names::new(&self.name).proxy, "proxy"),
+            metadata: self.meta(&Names::new(&self.name).proxy, ROLE_PROXY_CONFIG),
             data: Some(BTreeMap::from([(
                 PROXY_CONFIG_KEY.to_string(),
                 self.proxy_config.clone(),
@@ -300,10 +340,10 @@ impl Session {
 
     pub fn proxy_service(&self) -> Service {
         Service {
-            metadata: self.meta(&Names::new(&self.name).proxy, "proxy"),
+            metadata: self.meta(&Names::new(&self.name).proxy, ROLE_PROXY),
             spec: Some(ServiceSpec {
                 type_: Some("ClusterIP".into()),
-                selector: Some(self.selector("proxy")),
+                selector: Some(self.selector(ROLE_PROXY)),
                 ports: Some(vec![ServicePort {
                     name: Some("proxy".into()),
                     port: PROXY_PORT.into(),
@@ -322,10 +362,6 @@ impl Session {
         let container = Container {
             name: "proxy".into(),
             image: Some(self.proxy_image.pull.clone()),
-            args: Some(vec![
-                "--config".into(),
-                format!("{PROXY_CONFIG_DIR}/{PROXY_CONFIG_KEY}"),
-            ]),
             ports: Some(vec![ContainerPort {
                 name: Some("proxy".into()),
                 container_port: PROXY_PORT.into(),
@@ -340,10 +376,7 @@ impl Session {
                 period_seconds: Some(5),
                 ..Probe::default()
             }),
-            resources: Some(requirements(&Resources {
-                memory: Some("256Mi".into()),
-                cpus: Some("500m".into()),
-            })),
+            resources: Some(requirements(&self.proxy_resources)),
             security_context: Some(SecurityContext {
                 read_only_root_filesystem: Some(true),
                 ..container_hardening()
@@ -357,11 +390,11 @@ impl Session {
             ..Container::default()
         };
         Deployment {
-            metadata: self.meta(&names.proxy, "proxy"),
+            metadata: self.meta(&names.proxy, ROLE_PROXY),
             spec: Some(DeploymentSpec {
                 replicas: Some(1),
                 selector: LabelSelector {
-                    match_labels: Some(self.selector("proxy")),
+                    match_labels: Some(self.selector(ROLE_PROXY)),
                     ..LabelSelector::default()
                 },
                 // One proxy at a time: two would split the audit log the user reads.
@@ -371,7 +404,7 @@ impl Session {
                 }),
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
-                        labels: Some(self.labels_with_role("proxy")),
+                        labels: Some(self.labels_with_role(ROLE_PROXY)),
                         ..ObjectMeta::default()
                     }),
                     spec: Some(PodSpec {
@@ -386,7 +419,7 @@ impl Session {
                             }),
                             ..Volume::default()
                         }]),
-                        ..self.pod_hardening(false)
+                        ..self.pod_hardening(self.proxy_uid, self.proxy_uid, false)
                     }),
                 },
                 ..DeploymentSpec::default()
@@ -395,55 +428,61 @@ impl Session {
         }
     }
 
+    /// The files of the agent container, one key each (the key is the path with `/` as `_`).
+    pub fn agent_files_map(&self) -> ConfigMap {
+        ConfigMap {
+            metadata: self.meta(&Names::new(&self.name).agent_files, ROLE_AGENT),
+            data: Some(
+                self.agent_files
+                    .iter()
+                    .map(|f| (file_key(&f.path), f.contents.clone()))
+                    .collect(),
+            ),
+            ..ConfigMap::default()
+        }
+    }
+
     pub fn agent_statefulset(&self, proxy_host: &str) -> StatefulSet {
         let names = Names::new(&self.name);
-        let proxy_url = format!("http://{proxy_host}:{PROXY_PORT}");
-        let mut env: Vec<EnvVar> = self
+        let env: Vec<EnvVar> = self
             .agent_env
             .iter()
-            .map(|(name, value)| env_var(name, value))
+            .map(|(name, value)| env_var(name, &value.replace(DRY_RUN_PROXY_HOST, proxy_host)))
             .collect();
-        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
-            env.push(env_var(name, &proxy_url));
-        }
-        for name in ["NO_PROXY", "no_proxy"] {
-            env.push(env_var(name, "localhost,127.0.0.1"));
-        }
+        let mut mounts = vec![
+            VolumeMount {
+                name: DATA_CLAIM.into(),
+                mount_path: self.home.clone(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "credentials".into(),
+                mount_path: "/credentials".into(),
+                ..VolumeMount::default()
+            },
+        ];
+        mounts.extend(self.agent_files.iter().map(|f| VolumeMount {
+            name: "files".into(),
+            mount_path: f.path.clone(),
+            sub_path: Some(file_key(&f.path)),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }));
         let container = Container {
             name: "agent".into(),
             image: Some(self.agent_image.pull.clone()),
-            command: Some(self.agent_command.clone()),
+            args: Some(self.agent_args.clone()),
             env: Some(env),
             working_dir: Some(self.workdir.clone()),
             resources: Some(requirements(&self.resources)),
             security_context: Some(container_hardening()),
-            stdin: Some(true),
-            tty: Some(true),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: DATA_CLAIM.into(),
-                    mount_path: self.workdir.clone(),
-                    sub_path: Some("workspace".into()),
-                    ..VolumeMount::default()
-                },
-                VolumeMount {
-                    name: DATA_CLAIM.into(),
-                    mount_path: self.home.clone(),
-                    sub_path: Some("home".into()),
-                    ..VolumeMount::default()
-                },
-                VolumeMount {
-                    name: "credentials".into(),
-                    mount_path: "/credentials".into(),
-                    ..VolumeMount::default()
-                },
-            ]),
+            volume_mounts: Some(mounts),
             ..Container::default()
         };
         let claim = PersistentVolumeClaim {
             metadata: ObjectMeta {
                 name: Some(DATA_CLAIM.into()),
-                labels: Some(self.labels_with_role("agent")),
+                labels: Some(self.labels_with_role(ROLE_DATA)),
                 ..ObjectMeta::default()
             },
             spec: Some(PersistentVolumeClaimSpec {
@@ -461,33 +500,54 @@ impl Session {
             ..PersistentVolumeClaim::default()
         };
         StatefulSet {
-            metadata: self.meta(&names.agent, "agent"),
+            metadata: self.meta(&names.agent, ROLE_AGENT),
             spec: Some(StatefulSetSpec {
                 replicas: Some(1),
                 service_name: Some(names.agent.clone()),
                 selector: LabelSelector {
-                    match_labels: Some(self.selector("agent")),
+                    match_labels: Some(self.selector(ROLE_AGENT)),
                     ..LabelSelector::default()
                 },
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
-                        labels: Some(self.labels_with_role("agent")),
+                        labels: Some(self.labels_with_role(ROLE_AGENT)),
                         ..ObjectMeta::default()
                     }),
                     spec: Some(PodSpec {
                         containers: vec![container],
                         // Credentials live in RAM only: never on a node's disk, never in a
                         // PVC snapshot, gone when the pod stops.
-                        volumes: Some(vec![Volume {
-                            name: "credentials".into(),
-                            empty_dir: Some(EmptyDirVolumeSource {
-                                medium: Some("Memory".into()),
-                                size_limit: Some(Quantity("64Mi".into())),
-                            }),
-                            ..Volume::default()
-                        }]),
+                        volumes: Some(vec![
+                            Volume {
+                                name: "credentials".into(),
+                                empty_dir: Some(EmptyDirVolumeSource {
+                                    medium: Some("Memory".into()),
+                                    size_limit: Some(Quantity("64Mi".into())),
+                                }),
+                                ..Volume::default()
+                            },
+                            Volume {
+                                name: "files".into(),
+                                config_map: Some(ConfigMapVolumeSource {
+                                    name: names.agent_files.clone(),
+                                    items: Some(
+                                        self.agent_files
+                                            .iter()
+                                            .map(|f| KeyToPath {
+                                                key: file_key(&f.path),
+                                                path: file_key(&f.path),
+                                                mode: Some(f.mode),
+                                            })
+                                            .collect(),
+                                    ),
+                                    ..ConfigMapVolumeSource::default()
+                                }),
+                                ..Volume::default()
+                            },
+                        ]),
+                        share_process_namespace: self.init.then_some(true),
                         termination_grace_period_seconds: Some(10),
-                        ..self.pod_hardening(true)
+                        ..self.pod_hardening(self.agent_uid, self.agent_gid, true)
                     }),
                 },
                 volume_claim_templates: Some(vec![claim]),
@@ -500,16 +560,16 @@ impl Session {
     /// Pod-level hardening shared by both pods. On OpenShift the security context constraints
     /// assign the user and group from the namespace's range, so none is fixed here; on plain
     /// Kubernetes the agent runs as the image's `paude` user and owns its volume.
-    fn pod_hardening(&self, owns_volume: bool) -> PodSpec {
+    fn pod_hardening(&self, uid: i64, gid: i64, owns_volume: bool) -> PodSpec {
         let fixed_user = self.flavor == Flavor::Kubernetes;
         PodSpec {
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
-                run_as_user: fixed_user.then_some(self.uid),
-                run_as_group: fixed_user.then_some(self.uid),
-                fs_group: (fixed_user && owns_volume).then_some(self.uid),
+                run_as_user: fixed_user.then_some(uid),
+                run_as_group: fixed_user.then_some(gid),
+                fs_group: (fixed_user && owns_volume).then_some(gid),
                 seccomp_profile: Some(SeccompProfile {
                     type_: "RuntimeDefault".into(),
                     ..SeccompProfile::default()
@@ -524,11 +584,11 @@ impl Session {
     /// builds that push into them, one pair per image.
     fn build_objects(&self) -> Vec<Value> {
         let mut objects = Vec::new();
-        for (image, role) in [(&self.proxy_image, "proxy"), (&self.agent_image, "agent")] {
+        for image in [&self.proxy_image, &self.agent_image] {
             let metadata = json!({
                 "name": image.stream,
                 "namespace": self.namespace,
-                "labels": self.labels_with_role(role),
+                "labels": self.labels_with_role(ROLE_IMAGE),
             });
             objects.push(json!({
                 "apiVersion": "image.openshift.io/v1",
@@ -591,6 +651,11 @@ fn tcp_port(port: u16) -> NetworkPolicyPort {
     }
 }
 
+/// A ConfigMap key for a file path: `/etc/gitconfig` → `etc_gitconfig`.
+fn file_key(path: &str) -> String {
+    path.trim_start_matches('/').replace('/', "_")
+}
+
 fn env_var(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -636,6 +701,7 @@ impl Manifests {
         objects.push(serde_json::to_value(&self.agent_policy)?);
         objects.push(serde_json::to_value(&self.proxy_policy)?);
         objects.push(serde_json::to_value(&self.proxy_config)?);
+        objects.push(serde_json::to_value(&self.agent_files)?);
         objects.push(serde_json::to_value(&self.proxy_service)?);
         objects.push(serde_json::to_value(&self.proxy)?);
         objects.push(serde_json::to_value(&self.agent)?);

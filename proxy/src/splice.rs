@@ -1,7 +1,8 @@
 //! Zero-copy relaying for tunnels on Linux: bytes move socket → pipe → socket with
-//! `splice(2)` and never enter user space. Each direction owns a pipe, made when its first
-//! bytes arrive; readiness comes from tokio, so a direction waits without a thread.
+//! `splice(2)` and never enter user space. A direction borrows a pipe from a per-thread
+//! pool while bytes flow; readiness comes from tokio, so a direction waits without a thread.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,28 +52,62 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Moves bytes from `src` to `dst` through a pipe until `src` reaches end of stream, then shuts down the
-/// write side of `dst`. Adds every byte moved to `moved`. The pipe is always drained before
-/// the next read, so a full pipe never masquerades as an idle socket.
+/// Pipes kept per worker thread for the next burst; more than this are closed.
+const POOL_MAX: usize = 64;
+
+thread_local! {
+    /// Empty pipes ready for reuse. Per thread, so taking one needs no lock.
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_pipe() -> io::Result<Pipe> {
+    match POOL.with(|pool| pool.borrow_mut().pop()) {
+        Some(pipe) => Ok(pipe),
+        None => Pipe::new(),
+    }
+}
+
+/// Returns an empty pipe to this thread's pool.
+fn give_back(pipe: Pipe) {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.len() < POOL_MAX {
+            pool.push(pipe);
+        }
+    });
+}
+
+/// Moves bytes from `src` to `dst` through a pipe until `src` reaches end of stream, then
+/// shuts down the write side of `dst`. Adds every byte moved to `moved`.
+///
+/// A pipe is held only while bytes flow: when `src` has nothing more to read, the (drained)
+/// pipe goes back to the pool, so thousands of idle tunnels hold only their two sockets. A
+/// pipe is always drained before the next read, so a full pipe never looks like an idle
+/// socket, and a pipe that failed mid-transfer is closed, never reused.
 pub async fn relay(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::Result<()> {
-    // The pipe is made when the first bytes arrive, so idle tunnels hold no pipe descriptors.
-    let mut pipe = None;
+    let mut held: Option<Pipe> = None;
     loop {
-        src.readable().await?;
-        let pipe: &Pipe = match &mut pipe {
-            Some(p) => p,
-            slot => slot.insert(Pipe::new()?),
+        if held.is_none() {
+            src.readable().await?;
+        }
+        let pipe = match held.take() {
+            Some(pipe) => pipe,
+            None => take_pipe()?,
         };
         let n = match src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
         }) {
             Ok(0) => {
+                give_back(pipe);
                 // End of stream: pass the half-close on so the other side sees it too.
                 let _ = socket2::SockRef::from(dst).shutdown(std::net::Shutdown::Write);
                 return Ok(());
             }
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give_back(pipe);
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let mut left = n;
@@ -88,5 +123,6 @@ pub async fn relay(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64) -> io::R
             }
         }
         moved.fetch_add(n as u64, Ordering::Relaxed);
+        held = Some(pipe);
     }
 }

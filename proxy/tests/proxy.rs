@@ -1083,3 +1083,39 @@ async fn large_transfers_through_a_tunnel_arrive_intact_and_are_counted() {
     assert_eq!(lines[0]["bytes_down"], payload.len() as u64, "{lines:?}");
     assert_eq!(lines[0]["resolved"], format!("127.0.0.1:{}", echo.port()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_hold_only_their_two_sockets() {
+    let echo = echo_upstream().await;
+    let target = format!("echo.test:{}", echo.port());
+    let proxy = start(
+        &["--allow", &target, "--allow-opaque"],
+        &loopback_pin("echo.test"),
+    );
+    let before = proxy.open_fds();
+    let mut tunnels = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.ends_with(b"ping") {
+            let n = tokio::time::timeout(T, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        tunnels.push(s);
+    }
+    let grown = proxy.open_fds() - before;
+    // Two sockets per tunnel; a few more for pooled pipes per worker thread at most.
+    assert!(
+        grown <= 2 * 20 + 8,
+        "{grown} descriptors for 20 idle tunnels"
+    );
+    drop(tunnels);
+}

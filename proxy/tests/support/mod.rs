@@ -114,6 +114,13 @@ impl Proxy {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// How many file descriptors the proxy process has open.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .expect("/proc is mounted")
+            .count()
+    }
+
     /// Everything the proxy wrote to stdout so far.
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()

@@ -1119,3 +1119,50 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
     );
     drop(tunnels);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_map_style_symlink_swap_of_the_config_file_reloads_the_policy() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let write_version = |name: &str, allow: &str| {
+        let version = root.join(name);
+        std::fs::create_dir(&version).unwrap();
+        let toml = format!(
+            "allow = ['{allow}:{port}']\nresolve = ['old.test=127.0.0.1', 'new.test=127.0.0.1']\nallow_cidr = ['127.0.0.0/8']\nwatch_interval = '200ms'\n"
+        );
+        std::fs::write(version.join("config.toml"), toml).unwrap();
+    };
+    // The layout kubelet gives a mounted ConfigMap: data in a versioned directory, `..data`
+    // pointing at it, and the visible file a symlink through `..data`.
+    write_version("..v1", "old.test");
+    std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/config.toml", root.join("config.toml")).unwrap();
+    let config = root.join("config.toml");
+    let proxy = Proxy::start(&["--config", config.to_str().unwrap()]);
+    let get = |host: &str| {
+        format!("GET http://{host}:{port}/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    };
+    assert!(raw(proxy.addr, get("old.test").as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(raw(proxy.addr, get("new.test").as_bytes())
+        .await
+        .starts_with("HTTP/1.1 403"));
+
+    write_version("..v2", "new.test");
+    std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    assert!(
+        proxy.wait_for_stderr("policy reloaded (files changed)"),
+        "{}",
+        proxy.stderr()
+    );
+    assert!(raw(proxy.addr, get("new.test").as_bytes())
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(raw(proxy.addr, get("old.test").as_bytes())
+        .await
+        .starts_with("HTTP/1.1 403"));
+}

@@ -24,15 +24,15 @@ fn paude_proxy_bin() -> PathBuf {
     bin
 }
 
-const PEERS: &str = "direct,squid,tinyproxy";
+const PEERS: &str = "direct,paude-proxy,squid,tinyproxy";
 
 #[tokio::test]
 async fn smoke_mode_measures_every_scenario_on_every_path() {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_paude-benches"));
-    command.args(["smoke", "--peers", PEERS]).kill_on_drop(true);
-    if PEERS.contains("paude-proxy") {
-        command.arg("--paude-bin").arg(paude_proxy_bin());
-    }
+    command
+        .args(["smoke", "--peers", PEERS, "--paude-bin"])
+        .arg(paude_proxy_bin())
+        .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(120), command.output())
         .await
         .expect("the smoke run finished within 120 s")

@@ -1166,3 +1166,109 @@ async fn a_config_map_style_symlink_swap_of_the_config_file_reloads_the_policy()
         .await
         .starts_with("HTTP/1.1 403"));
 }
+
+/// Runs a git command with a bounded time and no user or system configuration.
+async fn git(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
+    let out = tokio::time::timeout(
+        T * 3,
+        tokio::process::Command::new("git")
+            .args(args)
+            .current_dir(cwd)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env_remove("GIT_SSL_CAINFO")
+            .env_remove("GIT_SSL_CAPATH")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY")
+            .output(),
+    )
+    .await
+    .expect("git finishes")
+    .expect("git is installed (apt-get install git)");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_clones_over_https_through_the_proxy() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let served = work.path().join("served");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&served).unwrap();
+    let ok = |o: std::process::Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr))
+    };
+    ok(git(&["init", "-q", "-b", "main"], &src).await);
+    std::fs::write(src.join("README"), "through the proxy\n").unwrap();
+    ok(git(&["add", "README"], &src).await);
+    ok(git(
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-q",
+            "-m",
+            "first",
+        ],
+        &src,
+    )
+    .await);
+    ok(git(
+        &["clone", "-q", "--bare", src.to_str().unwrap(), "repo.git"],
+        &served,
+    )
+    .await);
+    ok(git(&["update-server-info"], &served.join("repo.git")).await);
+
+    let ca = test_ca();
+    let ca_file = work.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let server = static_tls_upstream(served, ca.server.clone()).await;
+    let allow = format!("git.test:{}", server.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("git.test"));
+    let url = format!("https://git.test:{}/repo.git", server.port());
+    let out = git(
+        &[
+            "-c",
+            &format!("http.proxy=http://{}", proxy.addr),
+            "-c",
+            &format!("http.sslCAInfo={}", ca_file.display()),
+            "clone",
+            "-q",
+            &url,
+            "clone",
+        ],
+        work.path(),
+    )
+    .await;
+    ok(out);
+    let readme = std::fs::read_to_string(work.path().join("clone/README")).unwrap();
+    assert_eq!(readme, "through the proxy\n");
+
+    // The same clone from a host the policy does not name is refused by the proxy.
+    let denied = format!("https://elsewhere.test:{}/repo.git", server.port());
+    let out = git(
+        &[
+            "-c",
+            &format!("http.proxy=http://{}", proxy.addr),
+            "clone",
+            "-q",
+            &denied,
+            "no",
+        ],
+        work.path(),
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -234,9 +234,15 @@ pub struct TlsUpstream {
     pub handshakes: Arc<AtomicUsize>,
 }
 
-/// Starts a TLS server on 127.0.0.1 with a certificate for `example.test` and `other.test`
-/// signed by a CA generated now; it answers one HTTP request per connection.
-pub async fn tls_upstream() -> TlsUpstream {
+/// A CA made now and a server configuration with a certificate it signed for `example.test`,
+/// `other.test` and `git.test`.
+pub struct TestCa {
+    pub server: Arc<rustls::ServerConfig>,
+    pub ca_der: CertificateDer<'static>,
+    pub ca_pem: String,
+}
+
+pub fn test_ca() -> TestCa {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -245,9 +251,10 @@ pub async fn tls_upstream() -> TlsUpstream {
         .push(rcgen::DnType::CommonName, "paude test CA");
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf_params =
-        rcgen::CertificateParams::new(vec!["example.test".to_owned(), "other.test".to_owned()])
-            .unwrap();
+    let names = ["example.test", "other.test", "git.test"]
+        .map(str::to_owned)
+        .to_vec();
+    let leaf_params = rcgen::CertificateParams::new(names).unwrap();
     let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -258,7 +265,19 @@ pub async fn tls_upstream() -> TlsUpstream {
     .with_no_client_auth()
     .with_single_cert(vec![leaf.der().clone()], key)
     .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    TestCa {
+        server: Arc::new(config),
+        ca_der: ca.der().clone(),
+        ca_pem: ca.pem(),
+    }
+}
+
+/// Starts a TLS server on 127.0.0.1 with a certificate for `example.test` and `other.test`
+/// signed by a CA generated now; it answers one HTTP request per connection.
+pub async fn tls_upstream() -> TlsUpstream {
+    let ca = test_ca();
+    let config = ca.server.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handshakes = Arc::new(AtomicUsize::new(0));
@@ -295,8 +314,8 @@ pub async fn tls_upstream() -> TlsUpstream {
     });
     TlsUpstream {
         addr,
-        ca_der: ca.der().clone(),
-        ca_pem: ca.pem(),
+        ca_der: ca.ca_der,
+        ca_pem: ca.ca_pem,
         handshakes,
     }
 }
@@ -450,4 +469,54 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
         format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
+}
+
+/// Serves the files under `root` over HTTPS on 127.0.0.1 (a dumb git HTTP server, a package
+/// index): GET of a path returns the file, or 404.
+pub async fn static_tls_upstream(
+    root: std::path::PathBuf,
+    config: Arc<rustls::ServerConfig>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let root = Arc::new(root);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let root = root.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(T, acceptor.accept(stream)).await else {
+                    return;
+                };
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let root = root.clone();
+                    async move {
+                        let rel = req.uri().path().trim_start_matches('/');
+                        let safe = !rel.split('/').any(|part| part == "..");
+                        let found = if safe {
+                            tokio::fs::read(root.join(rel)).await.ok()
+                        } else {
+                            None
+                        };
+                        let resp = match found {
+                            Some(bytes) => Response::new(Full::new(Bytes::from(bytes))),
+                            None => Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::new()))
+                                .unwrap(),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
 }

@@ -136,7 +136,8 @@ impl OpenShiftBackend {
             init: hardening.init,
             proxy_config: plan.proxy.to_toml(),
             resources: Resources {
-                memory: (resources.memory_bytes > 0).then(|| resources.memory_bytes.to_string()),
+                memory: (resources.memory_bytes > 0)
+                    .then(|| memory_quantity(resources.memory_bytes)),
                 cpus: resources.cpu_millis.map(|m| format!("{m}m")),
             },
             proxy_resources: Resources {
@@ -163,6 +164,16 @@ impl OpenShiftBackend {
     fn names(&self, name: &SessionName) -> Names {
         Names::new(&name.to_string())
     }
+}
+
+/// A byte count as a Kubernetes quantity, in the largest binary unit that divides it.
+fn memory_quantity(bytes: u64) -> String {
+    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        if bytes % size == 0 {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    bytes.to_string()
 }
 
 /// A tar archive of an image's build context, the Dockerfile at its root.
@@ -388,5 +399,15 @@ impl Backend for OpenShiftBackend {
 
     async fn proxy_audit_log(&self, name: &SessionName) -> Result<String> {
         api::proxy_log(&self.client, &self.namespace, &name.to_string()).await
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    #[test]
+    fn memory_is_written_in_the_largest_binary_unit() {
+        assert_eq!(super::memory_quantity(8 << 30), "8Gi");
+        assert_eq!(super::memory_quantity(1536 << 20), "1536Mi");
+        assert_eq!(super::memory_quantity(1000), "1000");
     }
 }

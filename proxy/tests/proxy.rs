@@ -1272,3 +1272,97 @@ async fn git_clones_over_https_through_the_proxy() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pip_downloads_from_an_index_through_the_proxy() {
+    let work = tempfile::tempdir().unwrap();
+    let served = work.path().join("served");
+    let pkg_dir = served.join("simple/tinypkg");
+    std::fs::create_dir_all(&pkg_dir).unwrap();
+    std::fs::create_dir_all(served.join("files")).unwrap();
+    let wheel = "tinypkg-1.0-py3-none-any.whl";
+    let make_wheel = r#"
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1], "w") as z:
+    z.writestr("tinypkg/__init__.py", "")
+    z.writestr("tinypkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n")
+    z.writestr("tinypkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr("tinypkg-1.0.dist-info/RECORD", "")
+"#;
+    let wheel_path = served.join("files").join(wheel);
+    let status = std::process::Command::new("python3")
+        .args(["-c", make_wheel, wheel_path.to_str().unwrap()])
+        .status()
+        .expect("python3 is installed (apt-get install python3-pip)");
+    assert!(status.success());
+    std::fs::write(
+        pkg_dir.join("index.html"),
+        format!(
+            "<!DOCTYPE html><html><body><a href=\"/files/{wheel}\">{wheel}</a></body></html>\n"
+        ),
+    )
+    .unwrap();
+
+    let ca = test_ca();
+    let ca_file = work.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let server = static_tls_upstream(served, ca.server.clone()).await;
+    let allow = format!("pypi.test:{}", server.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("pypi.test"));
+    let out_dir = work.path().join("out");
+    let index = format!("https://pypi.test:{}/simple/", server.port());
+    let proxy_url = format!("http://{}", proxy.addr);
+    let out = tokio::time::timeout(
+        T * 6,
+        tokio::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+            ])
+            .args([
+                "--index-url",
+                &index,
+                "--proxy",
+                &proxy_url,
+                "--cert",
+                ca_file.to_str().unwrap(),
+            ])
+            .args([
+                "--retries",
+                "0",
+                "--timeout",
+                "10",
+                "-d",
+                out_dir.to_str().unwrap(),
+                "tinypkg",
+            ])
+            .env("PIP_CONFIG_FILE", "/dev/null")
+            .env_remove("PIP_CERT")
+            .env_remove("PIP_INDEX_URL")
+            .env_remove("PIP_EXTRA_INDEX_URL")
+            .env_remove("PIP_FIND_LINKS")
+            .env_remove("REQUESTS_CA_BUNDLE")
+            .env_remove("CURL_CA_BUNDLE")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output(),
+    )
+    .await
+    .expect("pip finishes")
+    .expect("python3 is installed (apt-get install python3-pip)");
+    assert!(
+        out.status.success(),
+        "pip failed (is python3-pip installed?): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out_dir.join(wheel).exists(), "the wheel was downloaded");
+}

@@ -235,7 +235,7 @@ pub struct TlsUpstream {
 }
 
 /// A CA made now and a server configuration with a certificate it signed for `example.test`,
-/// `other.test` and `git.test`.
+/// `other.test`, `git.test` and `pypi.test`.
 pub struct TestCa {
     pub server: Arc<rustls::ServerConfig>,
     pub ca_der: CertificateDer<'static>,
@@ -251,7 +251,7 @@ pub fn test_ca() -> TestCa {
         .push(rcgen::DnType::CommonName, "paude test CA");
     let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let names = ["example.test", "other.test", "git.test"]
+    let names = ["example.test", "other.test", "git.test", "pypi.test"]
         .map(str::to_owned)
         .to_vec();
     let leaf_params = rcgen::CertificateParams::new(names).unwrap();
@@ -495,15 +495,32 @@ pub async fn static_tls_upstream(
                 let service = service_fn(move |req: Request<Incoming>| {
                     let root = root.clone();
                     async move {
-                        let rel = req.uri().path().trim_start_matches('/');
+                        let path = req.uri().path();
+                        let rel = path.trim_start_matches('/').to_owned();
+                        let rel = if rel.is_empty() || rel.ends_with('/') {
+                            rel + "index.html"
+                        } else {
+                            rel
+                        };
                         let safe = !rel.split('/').any(|part| part == "..");
                         let found = if safe {
-                            tokio::fs::read(root.join(rel)).await.ok()
+                            tokio::fs::read(root.join(&rel)).await.ok()
                         } else {
                             None
                         };
                         let resp = match found {
-                            Some(bytes) => Response::new(Full::new(Bytes::from(bytes))),
+                            Some(bytes) => {
+                                let html = rel.ends_with(".html");
+                                let kind = if html {
+                                    "text/html"
+                                } else {
+                                    "application/octet-stream"
+                                };
+                                Response::builder()
+                                    .header("content-type", kind)
+                                    .body(Full::new(Bytes::from(bytes)))
+                                    .unwrap()
+                            }
                             None => Response::builder()
                                 .status(404)
                                 .body(Full::new(Bytes::new()))

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 fn args(list: &[&str], pins: &[String]) -> Vec<String> {
     list.iter()
@@ -34,14 +33,14 @@ async fn plain_http_is_forwarded_with_keep_alive_and_without_hop_by_hop_headers(
     let web = http_upstream().await;
     let allow = format!("web.test:{}", web.port());
     let proxy = start(&["--allow", &allow], &loopback_pin("web.test"));
-    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut stream = connect(proxy.addr).await;
     for path in ["/one", "/two"] {
         let request = format!(
             "GET http://WEB.test:{}{path}?q=1 HTTP/1.1\r\nHost: web.test:{}\r\nProxy-Connection: keep-alive\r\nProxy-Authorization: Basic c2VjcmV0\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\n",
             web.port(),
             web.port()
         );
-        stream.write_all(request.as_bytes()).await.unwrap();
+        send(&mut stream, request.as_bytes()).await;
         let response = read_response(&mut stream).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(
@@ -146,9 +145,9 @@ async fn echo_upstream() -> std::net::SocketAddr {
 }
 
 async fn opaque_exchange(proxy: std::net::SocketAddr, target: &str) -> String {
-    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let mut s = connect(proxy).await;
     let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nSSH-2.0-test\r\n");
-    s.write_all(head.as_bytes()).await.unwrap();
+    send(&mut s, head.as_bytes()).await;
     let mut out = Vec::new();
     let mut buf = [0u8; 1024];
     let work = async {
@@ -395,10 +394,8 @@ async fn malformed_and_oversized_requests_get_400_and_431_and_the_proxy_keeps_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_hit_the_header_timeout() {
     let proxy = start(&["--header-timeout", "500ms"], &[]);
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET http://slow.test/ HTTP/1.1\r\nHost: sl")
-        .await
-        .unwrap();
+    let mut s = connect(proxy.addr).await;
+    send(&mut s, b"GET http://slow.test/ HTTP/1.1\r\nHost: sl").await;
     let started = std::time::Instant::now();
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out))
@@ -412,10 +409,12 @@ async fn slow_clients_hit_the_header_timeout() {
         "{text}"
     );
     // A tunnel that never sends its ClientHello is closed after the same timeout.
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"CONNECT github.com:443 HTTP/1.1\r\nHost: github.com\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = connect(proxy.addr).await;
+    send(
+        &mut s,
+        b"CONNECT github.com:443 HTTP/1.1\r\nHost: github.com\r\n\r\n",
+    )
+    .await;
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out))
         .await
@@ -966,10 +965,12 @@ async fn idle_tunnels_are_closed_after_the_idle_timeout() {
         ],
         &loopback_pin("echo.test"),
     );
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes())
-        .await
-        .unwrap();
+    let mut s = connect(proxy.addr).await;
+    send(
+        &mut s,
+        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
+    )
+    .await;
     let started = std::time::Instant::now();
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out))
@@ -994,11 +995,12 @@ async fn the_connection_limit_holds_new_clients_until_a_slot_frees() {
         ],
         &loopback_pin("echo.test"),
     );
-    let mut first = TcpStream::connect(proxy.addr).await.unwrap();
-    first
-        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nhold").as_bytes())
-        .await
-        .unwrap();
+    let mut first = connect(proxy.addr).await;
+    send(
+        &mut first,
+        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nhold").as_bytes(),
+    )
+    .await;
     let mut buf = [0u8; 256];
     let n = tokio::time::timeout(T, first.read(&mut buf))
         .await
@@ -1006,11 +1008,12 @@ async fn the_connection_limit_holds_new_clients_until_a_slot_frees() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     // The tunnel holds the only slot: a second client is not served.
-    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
-    second
-        .write_all(b"GET http://nope.test/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut second = connect(proxy.addr).await;
+    send(
+        &mut second,
+        b"GET http://nope.test/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(
         tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf))
             .await
@@ -1041,10 +1044,12 @@ async fn large_transfers_through_a_tunnel_arrive_intact_and_are_counted() {
         ],
         &loopback_pin("echo.test"),
     );
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut s = connect(proxy.addr).await;
+    send(
+        &mut s,
+        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -1095,10 +1100,12 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
     let before = proxy.open_fds();
     let mut tunnels = Vec::new();
     for _ in 0..20 {
-        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes())
-            .await
-            .unwrap();
+        let mut s = connect(proxy.addr).await;
+        send(
+            &mut s,
+            format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
+        )
+        .await;
         let mut got = Vec::new();
         let mut buf = [0u8; 512];
         while !got.ends_with(b"ping") {

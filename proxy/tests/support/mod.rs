@@ -388,10 +388,26 @@ pub async fn tls_get(
         .map_err(|e| e.to_string())?
 }
 
+/// Connects to `addr` within the test timeout.
+pub async fn connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(T, TcpStream::connect(addr))
+        .await
+        .expect("connected within the timeout")
+        .expect("the connection is accepted")
+}
+
+/// Writes all of `bytes` within the test timeout.
+pub async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+    tokio::time::timeout(T, stream.write_all(bytes))
+        .await
+        .expect("written within the timeout")
+        .expect("the write succeeds");
+}
+
 /// Sends raw bytes to the proxy and reads until the proxy closes the connection.
 pub async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(proxy).await.unwrap();
-    stream.write_all(request).await.unwrap();
+    let mut stream = connect(proxy).await;
+    send(&mut stream, request).await;
     let mut out = Vec::new();
     match tokio::time::timeout(T, stream.read_to_end(&mut out)).await {
         Ok(_) => String::from_utf8_lossy(&out).into_owned(),

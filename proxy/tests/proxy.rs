@@ -1373,3 +1373,53 @@ with zipfile.ZipFile(sys.argv[1], "w") as z:
     );
     assert!(out_dir.join(wheel).exists(), "the wheel was downloaded");
 }
+
+/// A listener that never accepts, with its queue filled, so new connects to it hang.
+async fn blackhole() -> (
+    socket2::Socket,
+    std::net::SocketAddr,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        fillers.push(tokio::spawn(async move {
+            if let Ok(Ok(s)) = tokio::time::timeout(T, tokio::net::TcpStream::connect(addr)).await {
+                tokio::time::sleep(T).await;
+                drop(s);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (socket, addr, fillers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_does_not_answer_the_connect_gets_504() {
+    let (_socket, addr, fillers) = blackhole().await;
+    let allow = format!("slow.test:{}", addr.port());
+    let proxy = start(
+        &["--allow", &allow, "--connect-timeout", "500ms"],
+        &loopback_pin("slow.test"),
+    );
+    let started = std::time::Instant::now();
+    let out = raw(
+        proxy.addr,
+        format!("CONNECT {allow} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("connect_timeout"),
+        "{out}"
+    );
+    assert!(out.contains("--connect-timeout"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    fillers.iter().for_each(|f| f.abort());
+}

@@ -1423,3 +1423,54 @@ async fn an_upstream_that_does_not_answer_the_connect_gets_504() {
     assert!(started.elapsed() < Duration::from_secs(5));
     fillers.iter().for_each(|f| f.abort());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_open_tunnels_after_the_drain_period() {
+    let echo = echo_upstream().await;
+    let target = format!("echo.test:{}", echo.port());
+    let mut proxy = start(
+        &[
+            "--allow",
+            &target,
+            "--allow-opaque",
+            "--drain-timeout",
+            "500ms",
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let mut s = connect(proxy.addr).await;
+    send(
+        &mut s,
+        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"ping") {
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let started = std::time::Instant::now();
+    proxy.signal("TERM");
+    // The open tunnel is closed once the drain period is over, and the process exits cleanly.
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel is closed")
+        .ok();
+    assert_eq!(proxy.wait_exit(), Some(0), "{}", proxy.stderr());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        proxy.stderr().contains("drain period over"),
+        "{}",
+        proxy.stderr()
+    );
+}

@@ -393,7 +393,7 @@ pub fn format_list(sessions: &[SessionInfo], now: SystemTime) -> String {
 /// The `status` text.
 pub fn format_status(info: &SessionInfo, now: SystemTime) -> String {
     let mut out = format!(
-        "session:   {}\nbackend:   {}\nstate:     {}\nagent:     {}\nallowlist: {}\n",
+        "session:     {}\nbackend:     {}\nstate:       {}\nagent:       {}\nallowlist:   {}\n",
         info.name,
         info.backend.as_str(),
         match &info.state {
@@ -404,10 +404,10 @@ pub fn format_status(info: &SessionInfo, now: SystemTime) -> String {
         info.allowlist.join(", "),
     );
     if let Some(age) = info.created.and_then(|c| now.duration_since(c).ok()) {
-        out.push_str(&format!("age:       {}\n", format_age(age)));
+        out.push_str(&format!("age:         {}\n", format_age(age)));
     }
     for (k, v) in &info.details {
-        out.push_str(&format!("{:<11}{v}\n", format!("{k}:")));
+        out.push_str(&format!("{:<13}{v}\n", format!("{k}:")));
     }
     out
 }
@@ -502,9 +502,9 @@ mod tests {
             &info("demo", SessionState::Degraded("proxy missing".into())),
             SystemTime::UNIX_EPOCH + Duration::from_secs(30),
         );
-        assert!(s.contains("state:     degraded (proxy missing)\n"), "{s}");
-        assert!(s.contains("proxy:     10.89.0.2:3128\n"), "{s}");
-        assert!(s.contains("age:       30s\n"), "{s}");
+        assert!(s.contains("state:       degraded (proxy missing)\n"), "{s}");
+        assert!(s.contains("proxy:       10.89.0.2:3128\n"), "{s}");
+        assert!(s.contains("age:         30s\n"), "{s}");
     }
 
     #[test]

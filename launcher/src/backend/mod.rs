@@ -20,6 +20,7 @@ use crate::plan::Plan;
 use crate::spec::SessionName;
 
 pub mod openshift;
+pub mod podman;
 
 /// The state of a session as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,12 +159,11 @@ pub trait Backend: Send + Sync {
     async fn proxy_audit_log(&self, name: &SessionName) -> Result<String>;
 }
 
-/// Opens the backend chosen by `--backend`.
+/// Opens the backend chosen by `--backend`. Opening must not contact the engine (`--dry-run`
+/// renders without one); a backend connects on the first call that needs it.
 pub async fn open(global: &Global) -> Result<Box<dyn Backend>> {
     match global.backend {
-        BackendKind::Podman => {
-            anyhow::bail!("the podman backend is not part of this build yet")
-        }
+        BackendKind::Podman => Ok(Box::new(podman::Podman::new(global))),
         BackendKind::Openshift => Ok(Box::new(openshift::OpenShiftBackend::open(global).await?)),
     }
 }

@@ -1,0 +1,1393 @@
+//! The Podman backend: applies a [`Plan`] through the Docker-compatible API with bollard, so
+//! the same code drives a Docker engine. It owns the connection (an existing socket, or a
+//! `podman system service` it starts for the duration of the command), the image builds, and
+//! the session's objects: an internal network (no route out, the agent's only network), an
+//! egress network, the proxy container on both, the agent container, and the data volume.
+//!
+//! Invariant: every object carries the session's labels; nothing else records that a session
+//! exists.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, EndpointIpamConfig, EndpointSettings, ExecConfig,
+    HostConfig, Mount as ApiMount, MountType, NetworkCreateRequest, NetworkingConfig,
+    VolumeCreateRequest,
+};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    ListVolumesOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptionsBuilder, ResizeExecOptionsBuilder, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
+use bollard::{body_full, ClientVersion, Docker};
+use futures_util::StreamExt;
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OnceCell;
+
+use super::{Backend, ExecOutput, Progress, SessionInfo, SessionState};
+use crate::cli::{BackendKind, Global};
+use crate::images::ImagePlan;
+use crate::plan::{
+    labels, InjectedFile, Plan, ProxyConfig, Role, AGENT_HOME, PROXY_CONFIG_PATH, PROXY_PORT,
+    PROXY_UID, WORKSPACE_DIR,
+};
+use crate::spec::SessionName;
+
+/// The API version spoken: the newest Podman 4 serves, which Docker engines also accept.
+const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+/// Seconds an API request may take (image builds stream, so this bounds silence, not length).
+const API_TIMEOUT_SECS: u64 = 900;
+/// Lines of build output kept for the error message of a failed build.
+const BUILD_LOG_TAIL: usize = 25;
+/// Memory limit of the proxy container.
+const PROXY_MEMORY: i64 = 512 << 20;
+/// Process limit of the proxy container.
+const PROXY_PIDS: i64 = 256;
+
+/// The Podman (or Docker) engine, connected on first use.
+pub struct Podman {
+    /// The connection and, when we started it, the API service process.
+    conn: OnceCell<Connection>,
+}
+
+/// An open API connection.
+struct Connection {
+    /// The bollard client.
+    docker: Docker,
+    /// The `podman system service` this command started; killed when the command ends.
+    _service: Option<Service>,
+}
+
+/// A `podman system service` child process with its private socket directory.
+struct Service {
+    /// The process, killed on drop.
+    child: tokio::process::Child,
+    /// The directory holding the socket, removed on drop.
+    dir: PathBuf,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Podman {
+    /// Creates the backend without contacting the engine (so `--dry-run` needs no engine).
+    pub fn new(_global: &Global) -> Self {
+        Podman {
+            conn: OnceCell::new(),
+        }
+    }
+
+    /// The API client, connecting (or starting the API service) on first use.
+    async fn docker(&self) -> Result<&Docker> {
+        let conn = self.conn.get_or_try_init(connect).await?;
+        Ok(&conn.docker)
+    }
+}
+
+/// Whether a client answers a ping within a few seconds.
+async fn answers(docker: &Docker) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Finds an API socket that answers, or starts `podman system service` on a private one.
+async fn connect() -> Result<Connection> {
+    if let Ok(host) = std::env::var("DOCKER_HOST") {
+        let docker = if host.starts_with("unix://") {
+            Docker::connect_with_unix(&host, API_TIMEOUT_SECS, &API_VERSION)
+        } else {
+            Docker::connect_with_http(&host, API_TIMEOUT_SECS, &API_VERSION)
+        }
+        .with_context(|| format!("cannot use DOCKER_HOST={host}: fix or unset it"))?;
+        if !answers(&docker).await {
+            bail!("the engine at DOCKER_HOST={host} does not answer: start it, or unset DOCKER_HOST to let paude-launch start podman's API service");
+        }
+        return Ok(Connection {
+            docker,
+            _service: None,
+        });
+    }
+    let mut candidates = Vec::new();
+    if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR") {
+        candidates.push(format!("{dir}/podman/podman.sock"));
+    }
+    candidates.push("/run/podman/podman.sock".to_owned());
+    for path in &candidates {
+        if std::path::Path::new(path).exists() {
+            if let Ok(docker) = Docker::connect_with_unix(path, API_TIMEOUT_SECS, &API_VERSION) {
+                if answers(&docker).await {
+                    return Ok(Connection {
+                        docker,
+                        _service: None,
+                    });
+                }
+            }
+        }
+    }
+    start_service(&candidates).await
+}
+
+/// Starts `podman system service --time=0` on a socket in a private directory and waits for it.
+async fn start_service(tried: &[String]) -> Result<Connection> {
+    let dir = std::env::temp_dir().join(format!(
+        "paude-launch-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create '{}' for the podman socket", dir.display()))?;
+    let socket = dir.join("podman.sock");
+    let url = format!("unix://{}", socket.display());
+    let child = tokio::process::Command::new("podman")
+        .args(["system", "service", "--time=0", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!(
+                "no container engine API answered (tried {}) and podman could not be started ({e}): \
+                 install podman (e.g. apt-get install podman), or set DOCKER_HOST to a running engine",
+                tried.join(", ")
+            );
+        }
+    };
+    let service = Service { child, dir };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if socket.exists() {
+            if let Ok(docker) = Docker::connect_with_unix(&url, API_TIMEOUT_SECS, &API_VERSION) {
+                if answers(&docker).await {
+                    return Ok(Connection {
+                        docker,
+                        _service: Some(service),
+                    });
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "`podman system service` did not answer on {url} within 20 s: run \
+                 `podman system service --time=0 {url}` yourself to see why, or set DOCKER_HOST"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether an API error is a 404.
+fn is_not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// A label filter `paude.session=NAME`, optionally with a role.
+fn session_filter(name: Option<&SessionName>) -> HashMap<String, Vec<String>> {
+    let label = match name {
+        Some(n) => format!("{}={n}", labels::SESSION),
+        None => labels::SESSION.to_owned(),
+    };
+    HashMap::from([("label".to_owned(), vec![label])])
+}
+
+/// A tar archive holding `files` at their absolute paths (directories included), for upload
+/// to `/`.
+fn files_tar(files: &[(&str, &[u8], u32)]) -> Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in files {
+        let rel = path.trim_start_matches('/');
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            acc.push_str(part);
+            acc.push('/');
+            dirs.insert(acc.clone());
+        }
+    }
+    for d in &dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        h.set_mtime(0);
+        builder.append_data(&mut h, d, std::io::empty())?;
+    }
+    for (path, contents, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(*mode);
+        h.set_size(contents.len() as u64);
+        h.set_mtime(0);
+        builder.append_data(&mut h, path.trim_start_matches('/'), *contents)?;
+    }
+    Ok(builder.into_inner()?)
+}
+
+/// The build context of an image as a tar archive.
+fn context_tar(image: &ImagePlan) -> Result<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for f in &image.files {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(f.mode);
+        h.set_size(f.contents.len() as u64);
+        h.set_mtime(0);
+        builder.append_data(&mut h, &f.path, f.contents.as_slice())?;
+    }
+    Ok(builder.into_inner()?)
+}
+
+/// The first regular file in a tar archive.
+fn first_file(archive: &[u8]) -> Result<Vec<u8>> {
+    let mut ar = tar::Archive::new(archive);
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type().is_file() {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut out)?;
+            return Ok(out);
+        }
+    }
+    bail!("the archive from the engine holds no file")
+}
+
+/// `KEY=VALUE` strings from a map.
+fn env_list(env: &BTreeMap<String, String>) -> Vec<String> {
+    env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// Labels as the API wants them.
+fn label_map(l: BTreeMap<String, String>) -> HashMap<String, String> {
+    l.into_iter().collect()
+}
+
+/// The address the proxy gets on the internal network: the second host of its subnet (the
+/// first is the bridge's gateway address).
+pub fn proxy_address(subnet: &IpNet) -> Result<IpAddr> {
+    subnet
+        .hosts()
+        .nth(1)
+        .with_context(|| format!("the internal network's subnet {subnet} is too small"))
+}
+
+/// Renders the readable `--dry-run` description of a plan.
+pub fn render_plan(plan: &Plan) -> String {
+    let n = &plan.names;
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!(
+        "session {} on podman (agent {}, nothing below is created with --dry-run)",
+        plan.name, plan.agent.name
+    ));
+    line(String::new());
+    for (what, img) in [("proxy", &plan.proxy_image), ("agent", &plan.agent_image)] {
+        line(format!("image {} ({what})", img.reference()));
+        line(format!(
+            "  from:    {}",
+            img.dockerfile
+                .lines()
+                .find_map(|l| l.strip_prefix("FROM "))
+                .unwrap_or("?")
+        ));
+        let files: Vec<_> = img.files.iter().map(|f| f.path.as_str()).collect();
+        line(format!("  context: {}", files.join(", ")));
+        line(format!(
+            "  build:   {}",
+            if plan.rebuild {
+                "always (--rebuild)"
+            } else {
+                "only if the tag is missing"
+            }
+        ));
+    }
+    line(format!(
+        "network {} (internal: no route out, no DNS forwarding; the agent's only network)",
+        n.internal_network
+    ));
+    if n.owns_egress_network {
+        line(format!(
+            "network {} (outbound side of the proxy)",
+            n.egress_network
+        ));
+    } else {
+        line(format!(
+            "network {} (existing, used for the proxy's outbound side, not deleted with the session)",
+            n.egress_network
+        ));
+    }
+    line(format!(
+        "volume {} (mounted at {AGENT_HOME}: workspace {WORKSPACE_DIR} and home)",
+        n.data
+    ));
+    line(format!("container {}", n.proxy));
+    line(format!("  image:     {}", plan.proxy_image.reference()));
+    line(format!(
+        "  networks:  {} (address .2 of its subnet, port {PROXY_PORT}), {}",
+        n.internal_network, n.egress_network
+    ));
+    line(format!(
+        "  user:      {PROXY_UID}, all capabilities dropped, no-new-privileges"
+    ));
+    line(format!("  config:    {PROXY_CONFIG_PATH}"));
+    for l in plan.proxy.to_toml().lines() {
+        line(format!("    {l}"));
+    }
+    line(
+        "    (listen and allow_client are set to the internal address and subnet at creation)"
+            .to_owned(),
+    );
+    let a = &plan.agent_container;
+    line(format!("container {}", n.agent));
+    line(format!("  image:     {}", plan.agent_image.reference()));
+    line(format!("  network:   {} only", n.internal_network));
+    line(format!(
+        "  command:   {} (in tmux session paude)",
+        shlex::try_join(a.argv.iter().map(String::as_str)).unwrap_or_default()
+    ));
+    line(format!(
+        "  user:      {}:{}, all capabilities dropped, no-new-privileges, init",
+        a.hardening.uid, a.hardening.gid
+    ));
+    line(format!(
+        "  limits:    memory {} MiB, cpus {}, pids {}",
+        a.resources.memory_bytes >> 20,
+        a.resources
+            .cpu_millis
+            .map(|m| format!("{}", m as f64 / 1000.0))
+            .unwrap_or_else(|| "unlimited".to_owned()),
+        a.resources.pids_limit
+    ));
+    let env = plan.agent_env("PROXY_IP");
+    for (k, v) in &env {
+        let shown = if plan.agent.passthrough_env.contains(&k.as_str()) {
+            "(from the host)"
+        } else {
+            v.as_str()
+        };
+        line(format!("  env:       {k}={shown}"));
+    }
+    line(format!("  volume:    {} at {AGENT_HOME}", n.data));
+    for m in &a.mounts {
+        line(format!(
+            "  mount:     {} at {} ({})",
+            m.source.display(),
+            m.target,
+            if m.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        ));
+    }
+    for f in &a.files {
+        line(format!(
+            "  file:      {} (root-owned, mode {:o})",
+            f.path, f.mode
+        ));
+    }
+    if plan.git {
+        line(format!(
+            "git remote {} in the current repository, then push of the current branch and tags",
+            n.git_remote
+        ));
+    }
+    out
+}
+
+/// The session's containers, by role.
+struct Found {
+    /// The proxy container summary, if present.
+    proxy: Option<ContainerSummary>,
+    /// The agent container summary, if present.
+    agent: Option<ContainerSummary>,
+}
+
+/// Whether a container summary reports a running container.
+fn is_running(c: &ContainerSummary) -> bool {
+    c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+}
+
+impl Podman {
+    /// The containers labelled with the session.
+    async fn containers(&self, name: Option<&SessionName>) -> Result<Vec<ContainerSummary>> {
+        let docker = self.docker().await?;
+        let opts = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&session_filter(name))
+            .build();
+        docker
+            .list_containers(Some(opts))
+            .await
+            .context("cannot list containers")
+    }
+
+    /// The session's containers, or "no session named NAME" when it has none.
+    async fn find(&self, name: &SessionName) -> Result<Found> {
+        let all = self.containers(Some(name)).await?;
+        let role = |r: Role| {
+            all.iter()
+                .find(|c| {
+                    c.labels
+                        .as_ref()
+                        .and_then(|l| l.get(labels::ROLE))
+                        .map(String::as_str)
+                        == Some(r.as_str())
+                })
+                .cloned()
+        };
+        let found = Found {
+            proxy: role(Role::Proxy),
+            agent: role(Role::Agent),
+        };
+        if found.proxy.is_none() && found.agent.is_none() {
+            bail!("no session named {name}: see `paude-launch list`");
+        }
+        Ok(found)
+    }
+
+    /// Whether any object (container, network, volume) carries the session's label.
+    async fn any_object(&self, name: &SessionName) -> Result<bool> {
+        let docker = self.docker().await?;
+        if !self.containers(Some(name)).await?.is_empty() {
+            return Ok(true);
+        }
+        let nets = docker
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::new()
+                    .filters(&session_filter(Some(name)))
+                    .build(),
+            ))
+            .await?;
+        if !nets.is_empty() {
+            return Ok(true);
+        }
+        let vols = docker
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::new()
+                    .filters(&session_filter(Some(name)))
+                    .build(),
+            ))
+            .await?;
+        Ok(!vols.volumes.unwrap_or_default().is_empty())
+    }
+
+    /// Builds one image from its context, streaming the engine's output.
+    async fn build(&self, image: &ImagePlan, progress: Progress) -> Result<()> {
+        let docker = self.docker().await?;
+        let reference = image.reference();
+        progress.step(format!(
+            "building image {reference} (the first build takes a few minutes)"
+        ));
+        let tar = context_tar(image)?;
+        let build_labels = HashMap::from([("paude.image-hash".to_owned(), image.hash.clone())]);
+        let opts = BuildImageOptionsBuilder::new()
+            .dockerfile("Dockerfile")
+            .t(&reference)
+            .rm(true)
+            .forcerm(true)
+            .labels(&build_labels)
+            .build();
+        let mut stream = docker.build_image(opts, None, Some(body_full(tar.into())));
+        let mut tail: VecDeque<String> = VecDeque::new();
+        let mut keep = |line: &str| {
+            progress.detail(line);
+            if tail.len() == BUILD_LOG_TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line.to_owned());
+        };
+        let mut failure = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = &info.stream {
+                        for l in s.lines().filter(|l| !l.trim().is_empty()) {
+                            keep(l);
+                        }
+                    }
+                    if let Some(detail) = info.error_detail {
+                        failure = detail.message;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failure {
+            let log: Vec<String> = tail.into_iter().collect();
+            bail!(
+                "building image {reference} failed: {why}\nlast lines of the build log:\n  {}\n\
+                 rerun with -v for the whole log; behind a TLS-intercepting proxy pass --ca-bundle FILE",
+                log.join("\n  ")
+            );
+        }
+        if docker.inspect_image(&reference).await.is_err() {
+            bail!("building image {reference} reported success but the image is missing: rerun with -v");
+        }
+        Ok(())
+    }
+
+    /// Creates the session's objects; the caller removes them again if this fails.
+    async fn create_objects(&self, plan: &Plan, progress: Progress) -> Result<()> {
+        let docker = self.docker().await?;
+        let n = &plan.names;
+        progress.step(format!(
+            "creating networks and volume of session {}",
+            plan.name
+        ));
+        docker
+            .create_network(NetworkCreateRequest {
+                name: n.internal_network.clone(),
+                driver: Some("bridge".to_owned()),
+                internal: Some(true),
+                labels: Some(label_map(plan.labels_for(Role::InternalNetwork))),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create network {}", n.internal_network))?;
+        if n.owns_egress_network {
+            docker
+                .create_network(NetworkCreateRequest {
+                    name: n.egress_network.clone(),
+                    driver: Some("bridge".to_owned()),
+                    internal: Some(false),
+                    labels: Some(label_map(plan.labels_for(Role::EgressNetwork))),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("cannot create network {}", n.egress_network))?;
+        }
+        let internal = docker
+            .inspect_network(&n.internal_network, None)
+            .await
+            .with_context(|| format!("cannot inspect network {}", n.internal_network))?;
+        let subnet: IpNet = internal
+            .ipam
+            .and_then(|i| i.config)
+            .and_then(|c| c.into_iter().find_map(|c| c.subnet))
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("network {} reports no usable subnet", n.internal_network))?;
+        let proxy_ip = proxy_address(&subnet)?;
+        docker
+            .create_volume(VolumeCreateRequest {
+                name: Some(n.data.clone()),
+                labels: Some(label_map(plan.labels_for(Role::Data))),
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create volume {}", n.data))?;
+
+        progress.step(format!(
+            "starting proxy {} at {proxy_ip}:{PROXY_PORT}",
+            n.proxy
+        ));
+        let endpoints = HashMap::from([
+            (
+                n.internal_network.clone(),
+                EndpointSettings {
+                    ipam_config: Some(EndpointIpamConfig {
+                        ipv4_address: Some(proxy_ip.to_string()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ),
+            (n.egress_network.clone(), EndpointSettings::default()),
+        ]);
+        let proxy_body = ContainerCreateBody {
+            image: Some(plan.proxy_image.reference()),
+            labels: Some(label_map(plan.labels_for(Role::Proxy))),
+            user: Some(format!("{PROXY_UID}:{PROXY_UID}")),
+            host_config: Some(HostConfig {
+                network_mode: Some(n.internal_network.clone()),
+                cap_drop: Some(vec!["ALL".to_owned()]),
+                security_opt: Some(vec!["no-new-privileges".to_owned()]),
+                memory: Some(PROXY_MEMORY),
+                pids_limit: Some(PROXY_PIDS),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(endpoints),
+            }),
+            ..Default::default()
+        };
+        docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().name(&n.proxy).build()),
+                proxy_body,
+            )
+            .await
+            .with_context(|| format!("cannot create container {}", n.proxy))?;
+        let config = plan.proxy.bound_to(proxy_ip, &[subnet]).to_toml();
+        self.upload(&n.proxy, &[(PROXY_CONFIG_PATH, config.as_bytes(), 0o644)])
+            .await?;
+        docker
+            .start_container(&n.proxy, None)
+            .await
+            .with_context(|| format!("cannot start container {}", n.proxy))?;
+        self.wait_for_proxy(&n.proxy).await?;
+
+        progress.step(format!("starting agent {}", n.agent));
+        let a = &plan.agent_container;
+        let mut mounts = vec![ApiMount {
+            target: Some(AGENT_HOME.to_owned()),
+            source: Some(n.data.clone()),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        }];
+        for m in &a.mounts {
+            mounts.push(ApiMount {
+                target: Some(m.target.clone()),
+                source: Some(m.source.display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(m.read_only),
+                ..Default::default()
+            });
+        }
+        let agent_body = ContainerCreateBody {
+            image: Some(plan.agent_image.reference()),
+            cmd: Some(a.argv.clone()),
+            env: Some(env_list(&plan.agent_env(&proxy_ip.to_string()))),
+            user: Some(format!("{}:{}", a.hardening.uid, a.hardening.gid)),
+            hostname: Some(plan.name.to_string()),
+            labels: Some(label_map(plan.labels_for(Role::Agent))),
+            host_config: Some(HostConfig {
+                network_mode: Some(n.internal_network.clone()),
+                cap_drop: a
+                    .hardening
+                    .drop_all_capabilities
+                    .then(|| vec!["ALL".to_owned()]),
+                security_opt: a
+                    .hardening
+                    .no_new_privileges
+                    .then(|| vec!["no-new-privileges".to_owned()]),
+                init: Some(a.hardening.init),
+                pids_limit: Some(a.resources.pids_limit),
+                memory: i64::try_from(a.resources.memory_bytes).ok(),
+                nano_cpus: a
+                    .resources
+                    .cpu_millis
+                    .and_then(|m| i64::try_from(m * 1_000_000).ok()),
+                mounts: Some(mounts),
+                ..Default::default()
+            }),
+            networking_config: Some(NetworkingConfig {
+                endpoints_config: Some(HashMap::from([(
+                    n.internal_network.clone(),
+                    EndpointSettings::default(),
+                )])),
+            }),
+            ..Default::default()
+        };
+        docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().name(&n.agent).build()),
+                agent_body,
+            )
+            .await
+            .with_context(|| format!("cannot create container {}", n.agent))?;
+        let files: Vec<(&str, &[u8], u32)> = a
+            .files
+            .iter()
+            .map(|f: &InjectedFile| (f.path.as_str(), f.contents.as_bytes(), f.mode))
+            .collect();
+        self.upload(&n.agent, &files).await?;
+        docker
+            .start_container(&n.agent, None)
+            .await
+            .with_context(|| format!("cannot start container {}", n.agent))?;
+        Ok(())
+    }
+
+    /// Copies files into a container (created or running) at their absolute paths.
+    async fn upload(&self, container: &str, files: &[(&str, &[u8], u32)]) -> Result<()> {
+        let docker = self.docker().await?;
+        let tar = files_tar(files)?;
+        docker
+            .upload_to_container(
+                container,
+                Some(UploadToContainerOptionsBuilder::new().path("/").build()),
+                body_full(tar.into()),
+            )
+            .await
+            .with_context(|| format!("cannot copy files into container {container}"))
+    }
+
+    /// Waits until the proxy prints its listening line; fails with its log if it exits.
+    async fn wait_for_proxy(&self, container: &str) -> Result<()> {
+        let docker = self.docker().await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let logs = self.logs(container, true, true).await.unwrap_or_default();
+            if logs.contains("paude-proxy listening on") {
+                return Ok(());
+            }
+            let inspect = docker.inspect_container(container, None).await?;
+            let running = inspect
+                .state
+                .as_ref()
+                .and_then(|s| s.running)
+                .unwrap_or(false);
+            if !running || tokio::time::Instant::now() > deadline {
+                let tail: Vec<&str> = logs.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "the proxy {container} {}; its log:\n  {}",
+                    if running {
+                        "did not report listening within 15 s"
+                    } else {
+                        "exited"
+                    },
+                    tail.join("\n  ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A container's log as text.
+    async fn logs(&self, container: &str, stdout: bool, stderr: bool) -> Result<String> {
+        let docker = self.docker().await?;
+        let opts = LogsOptionsBuilder::new()
+            .stdout(stdout)
+            .stderr(stderr)
+            .build();
+        let mut stream = docker.logs(container, Some(opts));
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk.with_context(|| format!("cannot read the log of {container}"))? {
+                LogOutput::StdOut { message }
+                | LogOutput::StdErr { message }
+                | LogOutput::Console { message } => out.extend_from_slice(&message),
+                LogOutput::StdIn { .. } => {}
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The running agent container's name, or an error saying how to start it.
+    async fn running_agent(&self, name: &SessionName) -> Result<String> {
+        let found = self.find(name).await?;
+        match found.agent {
+            Some(c) if is_running(&c) => Ok(format!("paude-{name}-agent")),
+            Some(_) => bail!("session {name} is stopped: start it with `paude-launch start {name}`"),
+            None => bail!("session {name} has no agent container: delete it with `paude-launch delete {name} --confirm` and create it again"),
+        }
+    }
+
+    /// The proxy container's name, or an error when it is missing.
+    async fn proxy_container(&self, name: &SessionName) -> Result<String> {
+        let found = self.find(name).await?;
+        if found.proxy.is_none() {
+            bail!("session {name} has no proxy container: delete it with `paude-launch delete {name} --confirm` and create it again");
+        }
+        Ok(format!("paude-{name}-proxy"))
+    }
+
+    /// Reads the proxy's configuration file from its container.
+    async fn read_proxy_config(&self, container: &str) -> Result<String> {
+        let docker = self.docker().await?;
+        let opts = DownloadFromContainerOptionsBuilder::new()
+            .path(PROXY_CONFIG_PATH)
+            .build();
+        let mut stream = docker.download_from_container(container, Some(opts));
+        let mut archive = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            archive.extend_from_slice(
+                &chunk.with_context(|| format!("cannot read the configuration of {container}"))?,
+            );
+        }
+        let bytes = first_file(&archive)?;
+        String::from_utf8(bytes).context("the proxy configuration is not UTF-8")
+    }
+
+    /// Summarises one session from its containers.
+    async fn info(&self, name: SessionName, found: &Found) -> SessionInfo {
+        let state = match (&found.proxy, &found.agent) {
+            (Some(p), Some(a)) if is_running(p) && is_running(a) => SessionState::Running,
+            (Some(p), Some(a)) if !is_running(p) && !is_running(a) => SessionState::Stopped,
+            (Some(_), Some(a)) if is_running(a) => {
+                SessionState::Degraded("the proxy is not running".to_owned())
+            }
+            (Some(_), Some(_)) => SessionState::Degraded("the agent is not running".to_owned()),
+            (None, _) => SessionState::Degraded("the proxy container is missing".to_owned()),
+            (_, None) => SessionState::Degraded("the agent container is missing".to_owned()),
+        };
+        let any = found.agent.as_ref().or(found.proxy.as_ref());
+        let label = |k: &str| {
+            any.and_then(|c| c.labels.as_ref())
+                .and_then(|l| l.get(k))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let created = any
+            .and_then(|c| c.created)
+            .and_then(|s| u64::try_from(s).ok())
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+        let allowlist = match &found.proxy {
+            Some(_) => match self.read_proxy_config(&format!("paude-{name}-proxy")).await {
+                Ok(text) => ProxyConfig::from_toml(&text)
+                    .map(|c| c.allow)
+                    .unwrap_or_else(|_| vec!["?".to_owned()]),
+                Err(_) => vec!["?".to_owned()],
+            },
+            None => Vec::new(),
+        };
+        let mut details = Vec::new();
+        if let Some(p) = &found.proxy {
+            let addr = p
+                .network_settings
+                .as_ref()
+                .and_then(|s| s.networks.as_ref())
+                .and_then(|nets| nets.get(&format!("paude-{name}-internal")))
+                .and_then(|e| e.ip_address.clone())
+                .filter(|ip| !ip.is_empty())
+                .map(|ip| format!("{ip}:{PROXY_PORT}"))
+                .unwrap_or_else(|| "-".to_owned());
+            details.push(("proxy".to_owned(), addr));
+            details.push((
+                "proxy image".to_owned(),
+                p.image.clone().unwrap_or_default(),
+            ));
+        }
+        if let Some(a) = &found.agent {
+            details.push((
+                "agent image".to_owned(),
+                a.image.clone().unwrap_or_default(),
+            ));
+        }
+        details.push(("workspace".to_owned(), label(labels::WORKSPACE)));
+        details.push(("volume".to_owned(), format!("paude-{name}-data")));
+        details.push(("yolo".to_owned(), label(labels::YOLO)));
+        details.push(("connect".to_owned(), format!("paude-launch connect {name}")));
+        SessionInfo {
+            name,
+            backend: BackendKind::Podman,
+            state,
+            agent: label(labels::AGENT),
+            allowlist,
+            created,
+            details,
+        }
+    }
+
+    /// Runs a command in the running agent container, attached as asked.
+    async fn exec(
+        &self,
+        name: &SessionName,
+        argv: &[String],
+        stdin: bool,
+        tty: bool,
+    ) -> Result<(String, StartExecResults)> {
+        let container = self.running_agent(name).await?;
+        let docker = self.docker().await?;
+        let mut env = vec![];
+        if tty {
+            env.push(format!(
+                "TERM={}",
+                std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".to_owned())
+            ));
+        }
+        let exec = docker
+            .create_exec(
+                &container,
+                ExecConfig {
+                    attach_stdin: Some(stdin),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(tty),
+                    cmd: Some(argv.to_vec()),
+                    user: Some("1000:1000".to_owned()),
+                    working_dir: Some(WORKSPACE_DIR.to_owned()),
+                    env: Some(env),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("cannot run a command in {container}"))?;
+        let started = docker
+            .start_exec(
+                &exec.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .with_context(|| format!("cannot run a command in {container}"))?;
+        Ok((exec.id, started))
+    }
+
+    /// The exit code of a finished exec.
+    async fn exit_code(&self, exec_id: &str) -> Result<i64> {
+        let docker = self.docker().await?;
+        for _ in 0..50 {
+            let inspect = docker.inspect_exec(exec_id).await?;
+            if inspect.running != Some(true) {
+                return Ok(inspect.exit_code.unwrap_or(1));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("the command in the agent container did not report its exit status")
+    }
+}
+
+/// Puts the terminal into raw mode until dropped.
+struct RawMode;
+
+impl RawMode {
+    /// Enables raw mode when stdin is a terminal.
+    fn enable() -> Option<RawMode> {
+        crossterm::terminal::enable_raw_mode().ok().map(|_| RawMode)
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = crossterm::terminal::disable_raw_mode();
+    }
+}
+
+#[async_trait]
+impl Backend for Podman {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Podman
+    }
+
+    fn render(&self, plan: &Plan) -> Result<String> {
+        Ok(render_plan(plan))
+    }
+
+    async fn ensure_images(&self, plan: &Plan, progress: Progress) -> Result<()> {
+        let docker = self.docker().await?;
+        for image in [&plan.proxy_image, &plan.agent_image] {
+            let reference = image.reference();
+            if !plan.rebuild && docker.inspect_image(&reference).await.is_ok() {
+                progress.detail(format!("image {reference} is up to date"));
+                continue;
+            }
+            self.build(image, progress).await?;
+        }
+        Ok(())
+    }
+
+    async fn create(&self, plan: &Plan, progress: Progress) -> Result<()> {
+        if self.any_object(&plan.name).await? {
+            bail!(
+                "session {} already exists: attach with `paude-launch connect {}` or remove it with `paude-launch delete {} --confirm`",
+                plan.name, plan.name, plan.name
+            );
+        }
+        if !plan.names.owns_egress_network {
+            let docker = self.docker().await?;
+            if let Err(e) = docker
+                .inspect_network(&plan.names.egress_network, None)
+                .await
+            {
+                if is_not_found(&e) {
+                    bail!(
+                        "the egress network {} does not exist: create it with `podman network create {}` or leave out --egress-network",
+                        plan.names.egress_network, plan.names.egress_network
+                    );
+                }
+                return Err(e).context("cannot inspect the egress network");
+            }
+        }
+        if let Err(e) = self.create_objects(plan, progress).await {
+            progress.step("creation failed; removing what was created");
+            let _ = self.remove_all(&plan.name).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn start(&self, name: &SessionName) -> Result<()> {
+        let found = self.find(name).await?;
+        let docker = self.docker().await?;
+        let (Some(proxy), Some(agent)) = (&found.proxy, &found.agent) else {
+            bail!("session {name} is incomplete: delete it with `paude-launch delete {name} --confirm` and create it again");
+        };
+        if !is_running(proxy) {
+            let c = format!("paude-{name}-proxy");
+            docker
+                .start_container(&c, None)
+                .await
+                .with_context(|| format!("cannot start {c}"))?;
+            self.wait_for_proxy(&c).await?;
+        }
+        if !is_running(agent) {
+            let c = format!("paude-{name}-agent");
+            docker
+                .start_container(&c, None)
+                .await
+                .with_context(|| format!("cannot start {c}"))?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, name: &SessionName) -> Result<()> {
+        let found = self.find(name).await?;
+        let docker = self.docker().await?;
+        for (role, c) in [("agent", &found.agent), ("proxy", &found.proxy)] {
+            if c.as_ref().is_some_and(is_running) {
+                let cname = format!("paude-{name}-{role}");
+                docker
+                    .stop_container(
+                        &cname,
+                        Some(StopContainerOptionsBuilder::new().t(5).build()),
+                    )
+                    .await
+                    .with_context(|| format!("cannot stop {cname}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, name: &SessionName, progress: Progress) -> Result<()> {
+        if !self.any_object(name).await? {
+            bail!("no session named {name}: see `paude-launch list`");
+        }
+        progress.step(format!("removing session {name}"));
+        self.remove_all(name).await
+    }
+
+    async fn list(&self) -> Result<Vec<SessionInfo>> {
+        let all = self.containers(None).await?;
+        let mut by_name: BTreeMap<String, Found> = BTreeMap::new();
+        for c in all {
+            let Some(labels) = c.labels.clone() else {
+                continue;
+            };
+            let (Some(session), Some(role)) =
+                (labels.get(labels::SESSION), labels.get(labels::ROLE))
+            else {
+                continue;
+            };
+            let entry = by_name.entry(session.clone()).or_insert(Found {
+                proxy: None,
+                agent: None,
+            });
+            if role == Role::Proxy.as_str() {
+                entry.proxy = Some(c);
+            } else if role == Role::Agent.as_str() {
+                entry.agent = Some(c);
+            }
+        }
+        let mut out = Vec::new();
+        for (name, found) in by_name {
+            let Ok(name) = SessionName::parse(&name) else {
+                continue;
+            };
+            out.push(self.info(name, &found).await);
+        }
+        Ok(out)
+    }
+
+    async fn status(&self, name: &SessionName) -> Result<SessionInfo> {
+        let found = self.find(name).await?;
+        Ok(self.info(name.clone(), &found).await)
+    }
+
+    async fn connect(&self, name: &SessionName) -> Result<()> {
+        let argv = vec![
+            "/usr/local/bin/paude-session".to_owned(),
+            "attach".to_owned(),
+        ];
+        let (exec_id, started) = self.exec(name, &argv, true, true).await?;
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = started
+        else {
+            bail!("the engine did not attach to the agent's terminal");
+        };
+        let docker = self.docker().await?;
+        let resize = |(w, h): (u16, u16)| {
+            docker.resize_exec(
+                &exec_id,
+                ResizeExecOptionsBuilder::new()
+                    .w(i32::from(w))
+                    .h(i32::from(h))
+                    .build(),
+            )
+        };
+        let _raw = RawMode::enable();
+        if let Ok(size) = crossterm::terminal::size() {
+            let _ = resize(size).await;
+        }
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+        let stdin_pump = tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if input.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        let _ = input.flush().await;
+                    }
+                }
+            }
+        });
+        let mut stdout = tokio::io::stdout();
+        loop {
+            tokio::select! {
+                chunk = output.next() => match chunk {
+                    Some(Ok(out)) => {
+                        stdout.write_all(&out.into_bytes()).await?;
+                        stdout.flush().await?;
+                    }
+                    Some(Err(e)) => return Err(anyhow!(e).context("the connection to the agent broke")),
+                    None => break,
+                },
+                _ = winch.recv() => {
+                    if let Ok(size) = crossterm::terminal::size() {
+                        let _ = resize(size).await;
+                    }
+                }
+            }
+        }
+        stdin_pump.abort();
+        Ok(())
+    }
+
+    async fn exec_piped(&self, name: &SessionName, argv: &[String]) -> Result<i64> {
+        let (exec_id, started) = self.exec(name, argv, true, false).await?;
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = started
+        else {
+            bail!("the engine did not attach to the command's streams");
+        };
+        let stdin_pump = tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if input.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        let _ = input.flush().await;
+                    }
+                }
+            }
+            let _ = input.shutdown().await;
+        });
+        let mut stdout = tokio::io::stdout();
+        let mut stderr = tokio::io::stderr();
+        while let Some(chunk) = output.next().await {
+            match chunk.context("the connection to the agent container broke")? {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    stdout.write_all(&message).await?;
+                    stdout.flush().await?;
+                }
+                LogOutput::StdErr { message } => {
+                    stderr.write_all(&message).await?;
+                }
+                LogOutput::StdIn { .. } => {}
+            }
+        }
+        stdin_pump.abort();
+        self.exit_code(&exec_id).await
+    }
+
+    async fn exec_capture(&self, name: &SessionName, argv: &[String]) -> Result<ExecOutput> {
+        let (exec_id, started) = self.exec(name, argv, false, false).await?;
+        let StartExecResults::Attached { mut output, .. } = started else {
+            bail!("the engine did not attach to the command's streams");
+        };
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(chunk) = output.next().await {
+            match chunk.context("the connection to the agent container broke")? {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    stdout.extend_from_slice(&message)
+                }
+                LogOutput::StdErr { message } => stderr.extend_from_slice(&message),
+                LogOutput::StdIn { .. } => {}
+            }
+        }
+        Ok(ExecOutput {
+            code: self.exit_code(&exec_id).await?,
+            stdout,
+            stderr,
+        })
+    }
+
+    async fn proxy_config(&self, name: &SessionName) -> Result<String> {
+        let container = self.proxy_container(name).await?;
+        self.read_proxy_config(&container).await
+    }
+
+    async fn update_proxy_config(&self, name: &SessionName, toml: &str) -> Result<()> {
+        let found = self.find(name).await?;
+        let running = found.proxy.as_ref().is_some_and(is_running);
+        let container = self.proxy_container(name).await?;
+        self.upload(&container, &[(PROXY_CONFIG_PATH, toml.as_bytes(), 0o644)])
+            .await?;
+        if running {
+            let docker = self.docker().await?;
+            docker
+                .kill_container(
+                    &container,
+                    Some(KillContainerOptionsBuilder::new().signal("SIGHUP").build()),
+                )
+                .await
+                .with_context(|| format!("cannot signal {container} to reload"))?;
+        }
+        Ok(())
+    }
+
+    async fn proxy_audit_log(&self, name: &SessionName) -> Result<String> {
+        let container = self.proxy_container(name).await?;
+        self.logs(&container, true, false).await
+    }
+}
+
+impl Podman {
+    /// Removes every container, volume and network labelled with the session.
+    async fn remove_all(&self, name: &SessionName) -> Result<()> {
+        let docker = self.docker().await?;
+        let mut errors = Vec::new();
+        for c in self.containers(Some(name)).await? {
+            if let Some(id) = c.id {
+                if let Err(e) = docker
+                    .remove_container(
+                        &id,
+                        Some(
+                            RemoveContainerOptionsBuilder::new()
+                                .force(true)
+                                .v(true)
+                                .build(),
+                        ),
+                    )
+                    .await
+                {
+                    if !is_not_found(&e) {
+                        errors.push(format!("container {id}: {e}"));
+                    }
+                }
+            }
+        }
+        let vols = docker
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::new()
+                    .filters(&session_filter(Some(name)))
+                    .build(),
+            ))
+            .await?;
+        for v in vols.volumes.unwrap_or_default() {
+            if let Err(e) = docker
+                .remove_volume(
+                    &v.name,
+                    Some(RemoveVolumeOptionsBuilder::new().force(true).build()),
+                )
+                .await
+            {
+                if !is_not_found(&e) {
+                    errors.push(format!("volume {}: {e}", v.name));
+                }
+            }
+        }
+        let nets = docker
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::new()
+                    .filters(&session_filter(Some(name)))
+                    .build(),
+            ))
+            .await?;
+        for net in nets {
+            let Some(net_name) = net.name else { continue };
+            if let Err(e) = docker.remove_network(&net_name).await {
+                if !is_not_found(&e) {
+                    errors.push(format!("network {net_name}: {e}"));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            bail!(
+                "some objects of session {name} could not be removed: {}; run the delete again",
+                errors.join("; ")
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_gets_the_second_host_address() {
+        let net: IpNet = "10.89.3.0/24".parse().unwrap();
+        assert_eq!(proxy_address(&net).unwrap().to_string(), "10.89.3.2");
+        let tiny: IpNet = "10.0.0.0/32".parse().unwrap();
+        assert!(proxy_address(&tiny).is_err());
+    }
+
+    #[test]
+    fn files_tar_has_parent_directories() {
+        let tar = files_tar(&[("/etc/paude-proxy/config.toml", b"x = 1", 0o644)]).unwrap();
+        let mut ar = tar::Archive::new(tar.as_slice());
+        let paths: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            ["etc/", "etc/paude-proxy/", "etc/paude-proxy/config.toml"]
+        );
+        assert_eq!(first_file(&tar).unwrap(), b"x = 1");
+    }
+
+    #[test]
+    fn label_filter() {
+        let name = SessionName::parse("demo").unwrap();
+        assert_eq!(session_filter(Some(&name))["label"], ["paude.session=demo"]);
+        assert_eq!(session_filter(None)["label"], ["paude.session"]);
+    }
+}

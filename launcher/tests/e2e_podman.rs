@@ -1,0 +1,1010 @@
+//! End-to-end tests of paude-launch on a real Podman: the real `paude-launch` binary with the
+//! `shell` agent, the real paude-proxy in its container, and checks made from inside the agent
+//! container with curl, getent and bash sockets.
+//!
+//! The "internet" is an upstream server container on an internal network the test creates and
+//! hands to the session with `--egress-network`; the test names (`allowed.test`, `denied.test`,
+//! `added.test`) are pinned to it with `--proxy-resolve`, so no check can reach a real external
+//! address. One session is built and exercised by `a_session_is_isolated_and_keeps_its_work`
+//! (network isolation, allowlist changes, stop/start, git sync, delete); the other tests are
+//! quick and create nothing. The tests share Podman and run one at a time.
+//!
+//! Needs Podman, runc, debootstrap and git (`.ci/run` installs them) and the paude-proxy binary
+//! of the same build (`cargo test --workspace` builds it).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use tokio::process::Command;
+use tokio::sync::Mutex;
+
+use support::{
+    inspect, paude_images, podman_ok, run, session_objects, ApiService, Checks, Output,
+    SessionGuard, Upstream, ADDED_HOST, ALLOWED_HOST, BASE_IMAGE, DENIED_HOST,
+};
+
+/// The tests share one Podman and compare its objects before and after: one at a time.
+static PODMAN: Mutex<()> = Mutex::const_new(());
+
+/// Image builds (agent image with apt-get) are the slowest step of the suite.
+const CREATE_LIMIT: Duration = Duration::from_secs(900);
+/// Any other paude-launch command.
+const COMMAND_LIMIT: Duration = Duration::from_secs(120);
+/// One probe run inside the agent container.
+const PROBE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The real paude-launch binary, run with the suite's Podman configuration.
+struct Launcher {
+    proxy_bin: PathBuf,
+    /// A private API socket (`DOCKER_HOST`); without one, paude-launch starts its own service.
+    docker_host: Option<String>,
+    cwd: PathBuf,
+}
+
+impl Launcher {
+    fn new(docker_host: Option<String>, cwd: &Path) -> Result<Launcher> {
+        Ok(Launcher {
+            proxy_bin: support::proxy_binary()?,
+            docker_host,
+            cwd: cwd.to_path_buf(),
+        })
+    }
+
+    /// A command with the environment every child of the session needs: paude-launch itself,
+    /// and git, whose `ext::` remote runs `paude-launch git-bridge` from PATH.
+    fn command(&self, program: &str) -> Command {
+        let bin = Path::new(env!("CARGO_BIN_EXE_paude-launch"));
+        let bin_dir = bin.parent().expect("the binary has a directory");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(bin_dir.to_path_buf()).chain(std::env::split_paths(&path)),
+        )
+        .expect("PATH entries are joinable");
+        let mut cmd = Command::new(program);
+        cmd.current_dir(&self.cwd)
+            .env("PATH", path)
+            .env("CONTAINERS_CONF", support::containers_conf())
+            .env("PAUDE_PROXY_BIN", &self.proxy_bin)
+            .env_remove("PAUDE_BACKEND")
+            .env_remove("CLAUDE_CODE_USE_VERTEX");
+        match &self.docker_host {
+            Some(host) => cmd.env("DOCKER_HOST", host),
+            None => cmd.env_remove("DOCKER_HOST"),
+        };
+        cmd
+    }
+
+    async fn run(&self, args: &[&str], limit: Duration) -> Result<Output> {
+        let mut cmd = self.command(env!("CARGO_BIN_EXE_paude-launch"));
+        cmd.args(args);
+        run(cmd, limit, None).await
+    }
+
+    async fn ok(&self, args: &[&str], limit: Duration) -> Result<Output> {
+        self.run(args, limit)
+            .await?
+            .ok(&format!("paude-launch {}", args.join(" ")))
+    }
+
+    async fn git(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.command("git");
+        cmd.args(args);
+        run(cmd, COMMAND_LIMIT, None)
+            .await?
+            .ok(&format!("git {}", args.join(" ")))
+    }
+}
+
+/// Checks that a refused command failed cleanly: a normal error status (not a panic), a
+/// message naming what was wrong, no trailing period.
+fn expect_refusal(out: &Output, mentions: &[&str]) -> Result<()> {
+    ensure!(
+        !out.success(),
+        "the command succeeded; stdout: {}",
+        out.stdout.trim()
+    );
+    ensure!(
+        out.code.is_some() && out.code != Some(101) && !out.stderr.contains("panicked"),
+        "the command crashed (status {:?}): {}",
+        out.code,
+        out.stderr.trim()
+    );
+    let message = out.stderr.trim();
+    ensure!(!message.is_empty(), "the refusal printed no message");
+    for word in mentions {
+        ensure!(
+            message.contains(word),
+            "the message does not mention {word:?}: {message}"
+        );
+    }
+    ensure!(
+        !message.ends_with('.'),
+        "the message ends with a period: {message}"
+    );
+    Ok(())
+}
+
+/// Creation flags shared by the tests: an agent (`shell` in all but one) on the local base
+/// image.
+fn create_args_for(name: &str, agent: &str) -> Vec<String> {
+    [
+        "create",
+        name,
+        "--agent",
+        agent,
+        "--base-image",
+        BASE_IMAGE,
+        "--proxy-base-image",
+        BASE_IMAGE,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Creation flags of a `shell` session on the local base image.
+fn base_create_args(name: &str) -> Vec<String> {
+    create_args_for(name, "shell")
+}
+
+/// The running session under test, seen from the outside.
+struct Session {
+    name: String,
+    agent: String,
+    proxy: String,
+    proxy_ip: String,
+}
+
+impl Session {
+    /// Runs a bash script inside the agent container as its default user.
+    async fn sh(&self, script: &str) -> Result<Output> {
+        run(
+            support::podman(["exec", &self.agent, "bash", "-c", script]),
+            PROBE_LIMIT,
+            None,
+        )
+        .await
+    }
+
+    /// Like `sh`, but the script must succeed.
+    async fn sh_ok(&self, script: &str) -> Result<String> {
+        Ok(self.sh(script).await?.ok(script)?.stdout)
+    }
+
+    /// `(StartedAt, Pid)` of a container: both change when it restarts.
+    async fn started(container: &str) -> Result<(String, i64)> {
+        let info = inspect("container", container).await?;
+        let state = &info["State"];
+        ensure!(
+            state["Running"].as_bool() == Some(true),
+            "{container} is not running: {state}"
+        );
+        Ok((
+            state["StartedAt"].to_string(),
+            state["Pid"].as_i64().context("no Pid in container state")?,
+        ))
+    }
+
+    async fn is_running(container: &str) -> Result<bool> {
+        let names = podman_ok(
+            [
+                "ps",
+                "--format",
+                "{{.Names}}",
+                "--filter",
+                &format!("name=^{container}$"),
+            ],
+            Duration::from_secs(30),
+        )
+        .await?;
+        Ok(names.lines().any(|l| l.trim() == container))
+    }
+}
+
+/// `curl` through the session's proxy (the agent's environment) for one URL: returns the exit
+/// code and everything curl printed with `-i` (status line, headers, body).
+async fn fetch(session: &Session, url: &str) -> Result<Output> {
+    session
+        .sh(&format!(
+            "curl -sS -i --max-time 20 --cacert /tmp/upstream.pem '{url}'"
+        ))
+        .await
+}
+
+/// The URL must come back 200 from the upstream server with the given scheme and host.
+async fn expect_upstream(session: &Session, url: &str, scheme: &str, host: &str) -> Result<()> {
+    let out = fetch(session, url).await?;
+    let marker = format!("paude-upstream scheme={scheme} host={host}");
+    ensure!(
+        out.success() && out.stdout.contains(&marker),
+        "expected the upstream's answer ({marker}) for {url}, got status {:?}\n{}\n{}",
+        out.code,
+        out.stdout.trim(),
+        out.stderr.trim()
+    );
+    Ok(())
+}
+
+/// The proxy must refuse a plain-HTTP request with 403 and an `X-Paude-Deny` reason.
+async fn expect_forward_denied(session: &Session, url: &str) -> Result<()> {
+    let out = fetch(session, url).await?;
+    let head = out.stdout.split("\r\n\r\n").next().unwrap_or_default();
+    let status_403 = head
+        .lines()
+        .next()
+        .is_some_and(|l| l.starts_with("HTTP/") && l.contains(" 403"));
+    let reason = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("x-paude-deny:"));
+    ensure!(
+        status_403 && reason.is_some_and(|l| l.len() > "x-paude-deny:".len() + 1),
+        "expected the proxy's 403 with X-Paude-Deny for {url}, got status {:?}\n{}\n{}",
+        out.code,
+        out.stdout.trim(),
+        out.stderr.trim()
+    );
+    Ok(())
+}
+
+/// The proxy must refuse a CONNECT (an https URL) with 403.
+async fn expect_connect_denied(session: &Session, url: &str) -> Result<()> {
+    let out = session
+        .sh(&format!(
+            "curl -sS --max-time 20 --cacert /tmp/upstream.pem -o /dev/null \
+             -w '%{{http_connect}}' '{url}'"
+        ))
+        .await?;
+    ensure!(
+        !out.success() && out.stdout.trim() == "403",
+        "expected the proxy to answer the CONNECT for {url} with 403, got status {:?}, \
+         connect code {:?}: {}",
+        out.code,
+        out.stdout.trim(),
+        out.stderr.trim()
+    );
+    Ok(())
+}
+
+/// A connection that does not use the proxy must fail and reach nothing.
+async fn expect_direct_failure(session: &Session, url: &str) -> Result<()> {
+    let out = session
+        .sh(&format!(
+            "curl --noproxy '*' -sS -k --max-time 5 -o - '{url}'"
+        ))
+        .await?;
+    ensure!(
+        !out.success() && !out.stdout.contains("paude-upstream"),
+        "a direct connection to {url} got through: status {:?}\n{}",
+        out.code,
+        out.stdout.trim()
+    );
+    Ok(())
+}
+
+/// Polls until `url` answers from the upstream, for changes the proxy applies by reloading.
+async fn eventually_upstream(session: &Session, url: &str, host: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let result = expect_upstream(session, url, "http", host).await;
+        if result.is_ok() || tokio::time::Instant::now() > deadline {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls until `url` is refused by the proxy.
+async fn eventually_denied(session: &Session, url: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let result = expect_forward_denied(session, url).await;
+        if result.is_ok() || tokio::time::Instant::now() > deadline {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A DNS query (`probe.paude.invalid`, type A) sent with bash's /dev/udp to every resolver in
+/// the agent's resolv.conf; prints `answered NS` for any resolver that replies and
+/// `tcp-open NS` for any that accepts a TCP connection on port 53.
+const DNS_PROBE: &str = r#"
+q='\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x05paude\x07invalid\x00\x00\x01\x00\x01'
+for ns in $(awk '/^nameserver/ {print $2}' /etc/resolv.conf); do
+  echo "resolver $ns"
+  reply=$(timeout 4 bash -c "exec 3<>/dev/udp/$ns/53 && printf '$q' >&3 && head -c 12 <&3 | od -An -tx1" 2>/dev/null)
+  [ -n "$reply" ] && echo "answered $ns"
+  timeout 4 bash -c "exec 3<>/dev/tcp/$ns/53" 2>/dev/null && echo "tcp-open $ns"
+done
+echo probe-done
+"#;
+
+/// All checks of one session: network isolation first, then changes, then the lifecycle.
+async fn exercise_session(
+    checks: &mut Checks,
+    launcher: &Launcher,
+    upstream: &Upstream,
+    create_args: &[String],
+    repo: &Path,
+) -> Result<()> {
+    let name = create_args[1].clone();
+    let args: Vec<&str> = create_args.iter().map(String::as_str).collect();
+    let created = launcher.ok(&args, CREATE_LIMIT).await?;
+    eprintln!("create printed:\n{}{}", created.stdout, created.stderr);
+
+    let agent = format!("paude-{name}-agent");
+    let proxy = format!("paude-{name}-proxy");
+    let internal = format!("paude-{name}-internal");
+    let agent_info = inspect("container", &agent).await?;
+    let env: Vec<String> = agent_info["Config"]["Env"]
+        .as_array()
+        .context("agent container has no Config.Env")?
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    let env_value = |key: &str| {
+        env.iter()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_owned))
+    };
+    let http_proxy = env_value("HTTP_PROXY").context("the agent has no HTTP_PROXY")?;
+    let proxy_ip = http_proxy
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix(":3128"))
+        .with_context(|| format!("HTTP_PROXY is not http://IP:3128: {http_proxy}"))?
+        .to_owned();
+    let session = Session {
+        name: name.clone(),
+        agent: agent.clone(),
+        proxy: proxy.clone(),
+        proxy_ip,
+    };
+
+    checks.record(
+        "the session's objects exist with their contract names and labels",
+        async {
+            let objects = session_objects(&name).await?;
+            for expected in [
+                format!("container {agent}"),
+                format!("container {proxy}"),
+                format!("network {internal}"),
+                format!("volume paude-{name}-data"),
+            ] {
+                ensure!(
+                    objects.contains(&expected),
+                    "missing {expected}; found {objects:?}"
+                );
+            }
+            ensure!(
+                !objects.contains(&format!("network paude-{name}-egress")),
+                "an egress network was created although --egress-network was given: {objects:?}"
+            );
+            let net = inspect("network", &internal).await?;
+            ensure!(
+                net["internal"].as_bool() == Some(true),
+                "{internal} is not internal: {net}"
+            );
+            for container in [&agent, &proxy] {
+                let info = inspect("container", container).await?;
+                ensure!(
+                    info["Config"]["Labels"]["paude.session"].as_str() == Some(name.as_str()),
+                    "{container} lacks the label paude.session={name}"
+                );
+            }
+            let agent_nets: Vec<String> = agent_info["NetworkSettings"]["Networks"]
+                .as_object()
+                .context("agent has no networks")?
+                .keys()
+                .cloned()
+                .collect();
+            ensure!(
+                agent_nets == [internal.clone()],
+                "the agent must be on {internal} only, is on {agent_nets:?}"
+            );
+            let proxy_info = inspect("container", &proxy).await?;
+            let proxy_nets = &proxy_info["NetworkSettings"]["Networks"];
+            ensure!(
+                proxy_nets[&internal]["IPAddress"].as_str() == Some(session.proxy_ip.as_str()),
+                "HTTP_PROXY names {} but the proxy's address on {internal} is {}",
+                session.proxy_ip,
+                proxy_nets[&internal]["IPAddress"]
+            );
+            ensure!(
+                proxy_nets.get(&upstream.network).is_some(),
+                "the proxy is not on the egress network {}: {proxy_nets}",
+                upstream.network
+            );
+            Ok(())
+        }
+        .await,
+    );
+
+    checks.record(
+        "the agent gets the proxy in both cases and NO_PROXY for loopback",
+        async {
+            for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+                ensure!(
+                    env_value(key).as_deref() == Some(http_proxy.as_str()),
+                    "{key} is {:?}, expected {http_proxy}",
+                    env_value(key)
+                );
+            }
+            for key in ["NO_PROXY", "no_proxy"] {
+                let value = env_value(key).unwrap_or_default();
+                let items: Vec<&str> = value.split(',').map(str::trim).collect();
+                ensure!(
+                    items.contains(&"localhost") && items.contains(&"127.0.0.1"),
+                    "{key} is {value:?}, expected localhost,127.0.0.1"
+                );
+            }
+            Ok(())
+        }
+        .await,
+    );
+
+    checks.record(
+        "the agent runs as uid 1000 without capabilities or new privileges, in tmux",
+        async {
+            let out = session
+                .sh_ok(
+                    "id -u; echo $HOME; grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs):' \
+                     /proc/1/status; tmux has-session -t paude && echo tmux-ok",
+                )
+                .await?;
+            ensure!(out.starts_with("1000\n/home/paude\n"), "user: {out}");
+            for cap in ["CapEff", "CapPrm", "CapBnd"] {
+                ensure!(
+                    out.contains(&format!("{cap}:\t0000000000000000")),
+                    "{cap} is not empty: {out}"
+                );
+            }
+            ensure!(
+                out.contains("NoNewPrivs:\t1"),
+                "no-new-privileges is off: {out}"
+            );
+            ensure!(out.contains("tmux-ok"), "no tmux session paude: {out}");
+            let info = inspect("container", &agent).await?;
+            let mounts = info["Mounts"].as_array().context("no Mounts")?;
+            let binds: Vec<&serde_json::Value> = mounts
+                .iter()
+                .filter(|m| m["Type"].as_str() == Some("bind"))
+                .filter(|m| {
+                    // The host's git identity may be copied in, read-only.
+                    !(m["Destination"]
+                        .as_str()
+                        .is_some_and(|d| d.ends_with(".gitconfig"))
+                        && m["RW"].as_bool() == Some(false))
+                })
+                .collect();
+            ensure!(binds.is_empty(), "the agent has host mounts: {binds:?}");
+            Ok(())
+        }
+        .await,
+    );
+
+    // The upstream's certificate, for curl's --cacert inside the agent.
+    let cert = upstream.certificate().await?;
+    run(
+        support::podman(["exec", "-i", &agent, "sh", "-c", "cat > /tmp/upstream.pem"]),
+        PROBE_LIMIT,
+        Some(cert.as_bytes()),
+    )
+    .await?
+    .ok("copying the upstream certificate into the agent")?;
+
+    checks.record(
+        "an allowed host answers through the proxy over http",
+        eventually_upstream(&session, "http://allowed.test/hello", ALLOWED_HOST).await,
+    );
+    checks.record(
+        "an allowed host answers through the proxy over https (CONNECT)",
+        expect_upstream(&session, "https://allowed.test/tls", "https", ALLOWED_HOST).await,
+    );
+    checks.record(
+        "a denied host gets the proxy's 403 with X-Paude-Deny over http",
+        expect_forward_denied(&session, "http://denied.test/").await,
+    );
+    checks.record(
+        "a denied host gets the proxy's 403 for CONNECT",
+        expect_connect_denied(&session, "https://denied.test/").await,
+    );
+    let direct_http = format!("http://{}/", upstream.ip);
+    let direct_https = format!("https://{}/", upstream.ip);
+    checks.record(
+        "a direct connection that bypasses the proxy fails",
+        async {
+            expect_direct_failure(&session, &direct_http).await?;
+            expect_direct_failure(&session, &direct_https).await
+        }
+        .await,
+    );
+    checks.record(
+        "DNS for outside names fails and no resolver is reachable",
+        async {
+            for host in ["probe.paude.invalid", ALLOWED_HOST] {
+                let out = session.sh(&format!("getent hosts {host}")).await?;
+                ensure!(
+                    !out.success(),
+                    "the agent resolved {host}: {}",
+                    out.stdout.trim()
+                );
+            }
+            let out = session.sh_ok(DNS_PROBE).await?;
+            ensure!(out.contains("probe-done"), "the probe did not run: {out}");
+            ensure!(
+                !out.contains("answered") && !out.contains("tcp-open"),
+                "a resolver is reachable from the agent:\n{out}"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "the metadata address fails directly and gets 403 through the proxy",
+        async {
+            expect_direct_failure(&session, "http://169.254.169.254/latest/meta-data/").await?;
+            expect_forward_denied(&session, "http://169.254.169.254/latest/meta-data/").await?;
+            expect_connect_denied(&session, "https://169.254.169.254/").await
+        }
+        .await,
+    );
+    checks.record(
+        "the proxy's admin port is unreachable from the agent",
+        async {
+            let ip = &session.proxy_ip;
+            expect_direct_failure(&session, &format!("http://{ip}:9090/")).await?;
+            // Through the proxy, loopback and the proxy's own address are refused too.
+            for target in ["127.0.0.1:9090", &format!("{ip}:9090")] {
+                let out = session
+                    .sh(&format!(
+                        "curl -sS -i --max-time 20 --noproxy '' -x http://{ip}:3128 \
+                         http://{target}/"
+                    ))
+                    .await?;
+                ensure!(
+                    out.stdout
+                        .lines()
+                        .next()
+                        .is_some_and(|l| l.contains(" 403")),
+                    "the proxy did not refuse {target}: {}\n{}",
+                    out.stdout.trim(),
+                    out.stderr.trim()
+                );
+            }
+            Ok(())
+        }
+        .await,
+    );
+
+    checks.record(
+        "allowed-domains --add and --remove take effect without restarting anything",
+        async {
+            let url = "http://added.test/after-add";
+            expect_forward_denied(&session, url).await?;
+            let agent_before = Session::started(&session.agent).await?;
+            let proxy_before = Session::started(&session.proxy).await?;
+            launcher
+                .ok(
+                    &["allowed-domains", &name, "--add", ADDED_HOST],
+                    COMMAND_LIMIT,
+                )
+                .await?;
+            eventually_upstream(&session, url, ADDED_HOST).await?;
+            let listed = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            ensure!(
+                listed.contains(ADDED_HOST) && listed.contains(ALLOWED_HOST),
+                "allowed-domains does not list both hosts: {listed}"
+            );
+            launcher
+                .ok(
+                    &["allowed-domains", &name, "--remove", ADDED_HOST],
+                    COMMAND_LIMIT,
+                )
+                .await?;
+            eventually_denied(&session, url).await?;
+            expect_upstream(&session, "http://allowed.test/still", "http", ALLOWED_HOST).await?;
+            ensure!(
+                Session::started(&session.agent).await? == agent_before,
+                "the agent container restarted"
+            );
+            ensure!(
+                Session::started(&session.proxy).await? == proxy_before,
+                "the proxy container restarted instead of reloading"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "a bad allowed-domains item is refused and changes nothing",
+        async {
+            let before = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            let bad = "not a domain!";
+            let out = launcher
+                .run(&["allowed-domains", &name, "--add", bad], COMMAND_LIMIT)
+                .await?;
+            expect_refusal(&out, &[bad])?;
+            let after = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            ensure!(before == after, "the list changed:\n{before}\n---\n{after}");
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "blocked lists what the proxy refused",
+        async {
+            let out = launcher.ok(&["blocked", &name], COMMAND_LIMIT).await?;
+            ensure!(
+                out.stdout.contains(DENIED_HOST),
+                "blocked does not show {DENIED_HOST}: {}",
+                out.stdout
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "refused requests never reached the upstream",
+        async {
+            let log = upstream.log().await?;
+            ensure!(
+                log.contains(&format!("host={ALLOWED_HOST}")),
+                "the upstream saw no allowed request: {log}"
+            );
+            ensure!(
+                !log.contains(&format!("host={DENIED_HOST}")),
+                "a denied request reached the upstream: {log}"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "list and status show the session",
+        async {
+            let listed = launcher.ok(&["list"], COMMAND_LIMIT).await?.stdout;
+            ensure!(
+                listed.contains(&name),
+                "list does not show {name}: {listed}"
+            );
+            let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
+            ensure!(
+                status.contains(&name),
+                "status does not show {name}: {status}"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "a second create with the same name is refused and changes nothing",
+        async {
+            let before = inspect("container", &agent).await?["Id"].clone();
+            let out = launcher.run(&args, COMMAND_LIMIT).await?;
+            expect_refusal(&out, &[&name])?;
+            let after = inspect("container", &agent).await?["Id"].clone();
+            ensure!(before == after, "the agent container was replaced");
+            Ok(())
+        }
+        .await,
+    );
+
+    checks.record(
+        "workspace and home files survive stop and start",
+        async {
+            session
+                .sh_ok(
+                    "echo kept-in-workspace > /workspace/keep.txt && \
+                     echo kept-in-home > /home/paude/.keep",
+                )
+                .await?;
+            launcher.ok(&["stop", &name], COMMAND_LIMIT).await?;
+            ensure!(
+                !Session::is_running(&agent).await?,
+                "the agent still runs after stop"
+            );
+            launcher.ok(&["start", &name], COMMAND_LIMIT).await?;
+            ensure!(
+                Session::is_running(&agent).await?,
+                "the agent does not run after start"
+            );
+            let out = session
+                .sh_ok("cat /workspace/keep.txt /home/paude/.keep")
+                .await?;
+            ensure!(
+                out == "kept-in-workspace\nkept-in-home\n",
+                "files after restart: {out:?}"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "after stop and start the agent is back in tmux and still reaches allowed hosts",
+        async {
+            session.sh_ok("tmux has-session -t paude").await?;
+            eventually_upstream(&session, "http://allowed.test/after-restart", ALLOWED_HOST).await
+        }
+        .await,
+    );
+
+    checks.record(
+        "git round trip: push in, commit in the container, pull back",
+        git_round_trip(launcher, &session, repo).await,
+    );
+
+    checks.record(
+        "delete without --confirm is refused and changes nothing",
+        async {
+            let before = session_objects(&name).await?;
+            let out = launcher.run(&["delete", &name], COMMAND_LIMIT).await?;
+            expect_refusal(&out, &["--confirm"])?;
+            let after = session_objects(&name).await?;
+            ensure!(before == after, "objects changed: {before:?} -> {after:?}");
+            ensure!(Session::is_running(&agent).await?, "the agent was stopped");
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "delete --confirm leaves no container, network or volume",
+        async {
+            launcher
+                .ok(&["delete", &name, "--confirm"], COMMAND_LIMIT)
+                .await?;
+            let left = session_objects(&name).await?;
+            ensure!(left.is_empty(), "left behind: {left:?}");
+            podman_ok(
+                ["network", "exists", &upstream.network],
+                Duration::from_secs(30),
+            )
+            .await
+            .context("delete removed the --egress-network, which the session does not own")?;
+            let out = launcher.run(&["status", &name], COMMAND_LIMIT).await?;
+            expect_refusal(&out, &[&name])
+        }
+        .await,
+    );
+    Ok(())
+}
+
+/// Pushes a host repository into the session, commits inside the agent, pulls the commit back.
+async fn git_round_trip(launcher: &Launcher, session: &Session, repo: &Path) -> Result<()> {
+    let name = &session.name;
+    std::fs::write(repo.join("notes.txt"), "from the host\n")?;
+    launcher.git(&["add", "notes.txt"]).await?;
+    launcher.git(&["commit", "-q", "-m", "host commit"]).await?;
+    launcher
+        .ok(&["remote", "add", "--push", name], COMMAND_LIMIT)
+        .await?;
+    let remote = format!("paude-{name}");
+    let url = launcher.git(&["remote", "get-url", &remote]).await?.stdout;
+    ensure!(url.starts_with("ext::"), "remote {remote} is {url}");
+    let inside = session
+        .sh_ok("cd /workspace && git log -1 --format=%s && cat notes.txt")
+        .await?;
+    ensure!(
+        inside == "host commit\nfrom the host\n",
+        "the workspace after push: {inside:?}"
+    );
+    session
+        .sh_ok(
+            "cd /workspace && echo 'from the agent' >> notes.txt && \
+             git -c user.name=agent -c user.email=agent@paude.test commit -q -am 'agent commit'",
+        )
+        .await?;
+    launcher.git(&["pull", "-q", &remote, "main"]).await?;
+    let notes = std::fs::read_to_string(repo.join("notes.txt"))?;
+    ensure!(
+        notes == "from the host\nfrom the agent\n",
+        "the host's file after pull: {notes:?}"
+    );
+    let subject = launcher.git(&["log", "-1", "--format=%s"]).await?.stdout;
+    ensure!(subject.trim() == "agent commit", "last commit: {subject}");
+    Ok(())
+}
+
+/// A git repository on the host with one commit on `main`, the session's working directory.
+async fn host_repo(dir: &Path, launcher: &Launcher) -> Result<()> {
+    launcher.git(&["init", "-q", "-b", "main"]).await?;
+    launcher.git(&["config", "user.name", "host"]).await?;
+    launcher
+        .git(&["config", "user.email", "host@paude.test"])
+        .await?;
+    std::fs::write(dir.join("README.txt"), "a project\n")?;
+    launcher.git(&["add", "README.txt"]).await?;
+    launcher.git(&["commit", "-q", "-m", "first"]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_isolated_and_keeps_its_work() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        support::prepare_images().await?;
+        let suffix = support::unique_suffix();
+        let name = format!("e2e-{suffix}");
+        let _guard = SessionGuard(name.clone());
+        let upstream = Upstream::start(&suffix).await?;
+        let service = ApiService::start(&suffix).await?;
+        let dir = tempfile::tempdir()?;
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        host_repo(dir.path(), &launcher).await?;
+        let mut args = base_create_args(&name);
+        for host in [ALLOWED_HOST, DENIED_HOST, ADDED_HOST] {
+            args.push("--proxy-resolve".into());
+            args.push(format!("{host}={}", upstream.ip));
+        }
+        args.extend([
+            "--proxy-allow-cidr".into(),
+            upstream.subnet.clone(),
+            "--egress-network".into(),
+            upstream.network.clone(),
+            "--allowed-domains".into(),
+            ALLOWED_HOST.into(),
+        ]);
+        exercise_session(&mut checks, &launcher, &upstream, &args, dir.path()).await
+    }
+    .await;
+    checks.record("the session was created and exercised", result);
+    checks.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_creates_nothing() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        support::prepare_images().await?;
+        let name = format!("e2e-dry-{}", support::unique_suffix());
+        let _guard = SessionGuard(name.clone());
+        let dir = tempfile::tempdir()?;
+        // No DOCKER_HOST: paude-launch finds or starts the Podman API service itself.
+        let launcher = Launcher::new(None, dir.path())?;
+        let images_before = paude_images().await?;
+        let mut args = base_create_args(&name);
+        args.extend(["--allowed-domains".into(), ALLOWED_HOST.into()]);
+        args.push("--dry-run".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = launcher.ok(&args, COMMAND_LIMIT).await?;
+        for object in ["agent", "proxy", "internal", "egress", "data"] {
+            let full = format!("paude-{name}-{object}");
+            ensure!(
+                out.stdout.contains(&full),
+                "the dry run does not mention {full}:\n{}",
+                out.stdout
+            );
+        }
+        let left = session_objects(&name).await?;
+        ensure!(left.is_empty(), "the dry run created {left:?}");
+        let images_after = paude_images().await?;
+        let new: Vec<&String> = images_after.difference(&images_before).collect();
+        ensure!(new.is_empty(), "the dry run built images: {new:?}");
+        Ok(())
+    }
+    .await;
+    checks.record(
+        "--dry-run prints the session's objects and creates nothing",
+        result,
+    );
+    checks.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let suffix = support::unique_suffix();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let launcher = match Launcher::new(None, dir.path()) {
+        Ok(launcher) => launcher,
+        Err(err) => panic!("{err:#}"),
+    };
+    let unknown = format!("e2e-none-{suffix}");
+    let _guard = SessionGuard(unknown.clone());
+
+    let too_long = format!("e2e-{}", "x".repeat(40));
+    for bad in [
+        "Bad_Name",
+        "UPPER",
+        "trailing-",
+        "9lives",
+        "has.dot",
+        &too_long,
+    ] {
+        checks.record(
+            &format!("create refuses the bad name {bad:?}"),
+            async {
+                let args = base_create_args(bad);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = launcher.run(&args, COMMAND_LIMIT).await?;
+                expect_refusal(&out, &[bad])?;
+                let left = session_objects(bad).await?;
+                ensure!(left.is_empty(), "created {left:?}");
+                Ok(())
+            }
+            .await,
+        );
+    }
+    let fresh = format!("e2e-bad-{suffix}");
+    checks.record(
+        "create refuses an unknown agent",
+        async {
+            let args = create_args_for(&fresh, "no-such-agent");
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = launcher.run(&args, COMMAND_LIMIT).await?;
+            expect_refusal(&out, &["no-such-agent"])?;
+            let left = session_objects(&fresh).await?;
+            ensure!(left.is_empty(), "created {left:?}");
+            Ok(())
+        }
+        .await,
+    );
+    for (what, extra, mention) in [
+        (
+            "a bad allowed-domains item",
+            ["--allowed-domains", "not a domain!"],
+            "not a domain!",
+        ),
+        ("a bad memory limit", ["--memory", "lots"], "lots"),
+    ] {
+        checks.record(
+            &format!("create refuses {what}"),
+            async {
+                let mut args = base_create_args(&fresh);
+                args.extend(extra.map(str::to_owned));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let out = launcher.run(&args, COMMAND_LIMIT).await?;
+                expect_refusal(&out, &[mention])?;
+                let left = session_objects(&fresh).await?;
+                ensure!(left.is_empty(), "created {left:?}");
+                Ok(())
+            }
+            .await,
+        );
+    }
+    let verbs: [&[&str]; 7] = [
+        &["start"],
+        &["stop"],
+        &["status"],
+        &["blocked"],
+        &["allowed-domains"],
+        &["allowed-domains", "--add", "example.test"],
+        &["delete", "--confirm"],
+    ];
+    for verb in verbs {
+        let mut args = vec![verb[0], unknown.as_str()];
+        args.extend(&verb[1..]);
+        checks.record(
+            &format!("{} refuses an unknown session", args.join(" ")),
+            async {
+                let out = launcher.run(&args, COMMAND_LIMIT).await?;
+                expect_refusal(&out, &[&unknown])?;
+                let left = session_objects(&unknown).await?;
+                ensure!(left.is_empty(), "created {left:?}");
+                Ok(())
+            }
+            .await,
+        );
+    }
+    checks.record(
+        "delete without --confirm is refused",
+        async {
+            let out = launcher.run(&["delete", &unknown], COMMAND_LIMIT).await?;
+            expect_refusal(&out, &["--confirm"])
+        }
+        .await,
+    );
+    checks.finish();
+}

@@ -1,0 +1,466 @@
+//! The environment of the end-to-end Podman suite: child processes under a deadline, the
+//! Podman configuration and local images the suite needs, the upstream "internet" container on
+//! a test-created network, and the `Checks` list that runs every check of a session and reports
+//! all failures at once.
+//!
+//! Nothing here talks to a real external address: the base image is made locally with
+//! debootstrap, and the upstream server sits on an internal network of its own that the
+//! session's proxy joins through `--egress-network`.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// The local base image of both the agent and the proxy image in the suite.
+pub const BASE_IMAGE: &str = "localhost/paude-test-base:bookworm";
+/// The upstream server's image, built from `tests/podman/upstream`.
+pub const UPSTREAM_IMAGE: &str = "localhost/paude-test-upstream:latest";
+/// Label on every object the suite itself creates (not the sessions), for cleanup.
+pub const SUITE_LABEL: &str = "paude-e2e";
+
+/// The names the suite pins to the upstream server through `--proxy-resolve`.
+pub const ALLOWED_HOST: &str = "allowed.test";
+pub const DENIED_HOST: &str = "denied.test";
+pub const ADDED_HOST: &str = "added.test";
+
+/// What a finished child process left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Fails with both streams when the process did not exit with status 0.
+    pub fn ok(self, what: &str) -> Result<Output> {
+        ensure!(
+            self.success(),
+            "{what} exited with {:?}\nstdout: {}\nstderr: {}",
+            self.code,
+            self.stdout.trim(),
+            self.stderr.trim()
+        );
+        Ok(self)
+    }
+}
+
+/// Runs a command to completion, killing it when `limit` passes, optionally feeding `stdin`.
+pub async fn run(mut cmd: Command, limit: Duration, stdin: Option<&[u8]>) -> Result<Output> {
+    let shown = format!("{:?}", cmd.as_std());
+    cmd.kill_on_drop(true)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if let Some(bytes) = stdin {
+        let mut pipe = child.stdin.take().context("stdin was not piped")?;
+        let bytes = bytes.to_vec();
+        tokio::spawn(async move {
+            // A child that exits without reading its input is reported through its status.
+            let _ = pipe.write_all(&bytes).await;
+        });
+    }
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .with_context(|| format!("{shown} did not finish within {limit:?}"))?
+        .with_context(|| format!("cannot wait for {shown}"))?;
+    Ok(Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// A short suffix that keeps names of concurrent runs apart.
+pub fn unique_suffix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:06x}", (nanos ^ (std::process::id() << 12)) & 0xff_ffff)
+}
+
+/// The repository root (the workspace containing `launcher/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("launcher/ has a parent directory")
+        .to_path_buf()
+}
+
+/// The Podman configuration the whole suite runs under.
+pub fn containers_conf() -> PathBuf {
+    repo_root().join("tests/podman/containers.conf")
+}
+
+/// Fails with the install command when a tool the suite drives is missing.
+pub fn require_tools(tools: &[&str]) -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "{} not found on PATH: install with `apt-get install -y podman runc debootstrap git` \
+         (the list .ci/run installs)",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
+/// The paude-proxy binary built by the same `cargo test --workspace` run, which sits next to
+/// this test's own `deps/` directory.
+pub fn proxy_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test executable is not inside target/<profile>/deps")?;
+    let bin = profile_dir.join("paude-proxy");
+    ensure!(
+        bin.is_file(),
+        "{} does not exist: build it with `cargo build -p paude-proxy` (with the same \
+         CARGO_TARGET_DIR) or run the whole suite with `cargo test --workspace`",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// A `podman` command under the suite's configuration.
+pub fn podman<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new("podman");
+    cmd.env("CONTAINERS_CONF", containers_conf()).args(args);
+    cmd
+}
+
+/// Runs podman and returns its standard output, failing on a non-zero status.
+pub async fn podman_ok<I, S>(args: I, limit: Duration) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let cmd = podman(args);
+    let shown = format!("{:?}", cmd.as_std());
+    Ok(run(cmd, limit, None).await?.ok(&shown)?.stdout)
+}
+
+/// `podman inspect` of one object, as JSON (the first element of podman's array).
+pub async fn inspect(kind: &str, name: &str) -> Result<Value> {
+    let text = podman_ok([kind, "inspect", name], Duration::from_secs(30)).await?;
+    let mut all: Vec<Value> =
+        serde_json::from_str(&text).with_context(|| format!("{kind} inspect {name}: {text}"))?;
+    ensure!(!all.is_empty(), "{kind} inspect {name} returned nothing");
+    Ok(all.swap_remove(0))
+}
+
+/// Names of containers, networks and volumes labelled `paude.session=NAME` or named
+/// `paude-NAME-*`: everything a session may own.
+pub async fn session_objects(name: &str) -> Result<BTreeSet<String>> {
+    let label = format!("label=paude.session={name}");
+    let prefix = format!("paude-{name}-");
+    let limit = Duration::from_secs(30);
+    let mut found = BTreeSet::new();
+    let lists = [
+        (
+            "container",
+            vec!["ps", "-a", "--format", "{{.Names}}", "--filter", &label],
+        ),
+        ("container", vec!["ps", "-a", "--format", "{{.Names}}"]),
+        (
+            "network",
+            vec!["network", "ls", "--format", "{{.Name}}", "--filter", &label],
+        ),
+        ("network", vec!["network", "ls", "--format", "{{.Name}}"]),
+        (
+            "volume",
+            vec!["volume", "ls", "--format", "{{.Name}}", "--filter", &label],
+        ),
+        ("volume", vec!["volume", "ls", "--format", "{{.Name}}"]),
+    ];
+    for (kind, args) in lists {
+        let filtered = args.iter().any(|a| a.starts_with("label="));
+        for line in podman_ok(&args, limit).await?.lines() {
+            let line = line.trim();
+            if !line.is_empty() && (filtered || line.starts_with(&prefix)) {
+                found.insert(format!("{kind} {line}"));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Image references (`repo:tag`) whose repository starts with `localhost/paude-` but are not
+/// the suite's own test images.
+pub async fn paude_images() -> Result<BTreeSet<String>> {
+    let text = podman_ok(
+        ["images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"],
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("localhost/paude-") && !l.starts_with("localhost/paude-test-"))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Removes every object of a session by label and name, whatever the launcher left; used by
+/// the suite's cleanup so a failed run does not leak into the next one.
+pub fn force_remove_session(name: &str) {
+    let label = format!("label=paude.session={name}");
+    let script = format!(
+        "podman ps -aq --filter {label} | xargs -r podman rm -f -t 0; \
+         podman ps -aq --filter name=^paude-{name}- | xargs -r podman rm -f -t 0; \
+         podman volume ls -q --filter {label} | xargs -r podman volume rm -f; \
+         podman volume ls -q --filter name=^paude-{name}- | xargs -r podman volume rm -f; \
+         podman network ls -q --filter {label} | xargs -r podman network rm -f; \
+         podman network ls -q --filter name=^paude-{name}- | xargs -r podman network rm -f"
+    );
+    blocking_cleanup(&script);
+}
+
+/// Runs a cleanup script synchronously (from `Drop`), bounded by coreutils `timeout`.
+fn blocking_cleanup(script: &str) {
+    let status = std::process::Command::new("timeout")
+        .args(["120", "sh", "-c", script])
+        .env("CONTAINERS_CONF", containers_conf())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(err) = status {
+        eprintln!("cleanup failed to run: {err}");
+    }
+}
+
+/// Makes the local base image (idempotent) and builds the upstream image (cached layers).
+pub async fn prepare_images() -> Result<()> {
+    require_tools(&["podman", "runc", "debootstrap", "git", "tar"])?;
+    let script = repo_root().join("tests/podman/make-base-image.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .arg(BASE_IMAGE)
+        .env("CONTAINERS_CONF", containers_conf());
+    run(cmd, Duration::from_secs(600), None)
+        .await?
+        .ok("tests/podman/make-base-image.sh")?;
+    let context = repo_root().join("tests/podman/upstream");
+    let context = context.to_str().context("non-UTF-8 repository path")?;
+    podman_ok(
+        ["build", "-q", "-t", UPSTREAM_IMAGE, context],
+        Duration::from_secs(600),
+    )
+    .await
+    .context("building the upstream server image")?;
+    Ok(())
+}
+
+/// The suite's "internet": one upstream server on an internal network of its own.
+pub struct Upstream {
+    pub network: String,
+    pub container: String,
+    pub subnet: String,
+    pub ip: String,
+}
+
+impl Upstream {
+    /// Creates the network (subnet chosen by Podman) and starts the server on it.
+    pub async fn start(suffix: &str) -> Result<Upstream> {
+        let network = format!("paude-e2e-net-{suffix}");
+        let container = format!("paude-e2e-up-{suffix}");
+        let mut upstream = Upstream {
+            network: network.clone(),
+            container: container.clone(),
+            subnet: String::new(),
+            ip: String::new(),
+        };
+        let limit = Duration::from_secs(60);
+        let label = format!("{SUITE_LABEL}=1");
+        podman_ok(
+            [
+                "network",
+                "create",
+                "--internal",
+                "--label",
+                &label,
+                &network,
+            ],
+            limit,
+        )
+        .await?;
+        let net = inspect("network", &network).await?;
+        upstream.subnet = net["subnets"][0]["subnet"]
+            .as_str()
+            .context("network inspect shows no subnet")?
+            .to_owned();
+        podman_ok(
+            [
+                "run",
+                "-d",
+                "--name",
+                &container,
+                "--label",
+                &label,
+                "--network",
+                &network,
+                UPSTREAM_IMAGE,
+            ],
+            limit,
+        )
+        .await?;
+        let info = inspect("container", &container).await?;
+        upstream.ip = info["NetworkSettings"]["Networks"][&network]["IPAddress"]
+            .as_str()
+            .filter(|ip| !ip.is_empty())
+            .with_context(|| format!("the upstream has no address on {network}"))?
+            .to_owned();
+        // The server prints one line once both listeners are bound.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if upstream.log().await?.contains("listening on 80 and 443") {
+                return Ok(upstream);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the upstream server did not start: {}",
+                    upstream.log().await?
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Everything the server logged: one `request scheme=S host=H path=P` line per request.
+    pub async fn log(&self) -> Result<String> {
+        podman_ok(["logs", &self.container], Duration::from_secs(30)).await
+    }
+
+    /// The server's certificate, for `curl --cacert` inside the agent.
+    pub async fn certificate(&self) -> Result<String> {
+        podman_ok(
+            ["exec", &self.container, "cat", "/srv/cert.pem"],
+            Duration::from_secs(30),
+        )
+        .await
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        blocking_cleanup(&format!(
+            "podman rm -f -t 0 {c}; podman network rm -f {n}",
+            c = self.container,
+            n = self.network
+        ));
+    }
+}
+
+/// Removes a session's objects when dropped, so a failing run leaves nothing behind.
+pub struct SessionGuard(pub String);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        force_remove_session(&self.0);
+    }
+}
+
+/// A `podman system service` on a private socket for the duration of a test, so the many
+/// paude-launch commands of a session share one API server (`DOCKER_HOST`).
+pub struct ApiService {
+    child: tokio::process::Child,
+    pub docker_host: String,
+    socket: PathBuf,
+}
+
+impl ApiService {
+    pub async fn start(suffix: &str) -> Result<ApiService> {
+        let socket = PathBuf::from(format!("/tmp/paude-e2e-{suffix}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        let uri = format!("unix://{}", socket.display());
+        let child = podman(["system", "service", "--time=0", &uri])
+            .kill_on_drop(true)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start podman system service")?;
+        let service = ApiService {
+            child,
+            docker_host: uri,
+            socket,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !service.socket.exists() {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "podman system service did not create {}",
+                service.socket.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(service)
+    }
+}
+
+impl Drop for ApiService {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Every check of a test, run one after another; failures are collected so one run reports
+/// all broken behaviours, and the test fails at the end if any check failed.
+#[derive(Default)]
+pub struct Checks {
+    failures: Vec<String>,
+    passed: usize,
+}
+
+impl Checks {
+    pub fn record(&mut self, name: &str, result: Result<()>) {
+        match result {
+            Ok(()) => {
+                self.passed += 1;
+                eprintln!("ok    {name}");
+            }
+            Err(err) => {
+                eprintln!("FAIL  {name}: {err:#}");
+                self.failures.push(format!("{name}: {err:#}"));
+            }
+        }
+    }
+
+    pub fn finish(self) {
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} checks failed:\n- {}",
+            self.failures.len(),
+            self.failures.len() + self.passed,
+            self.failures.join("\n- ")
+        );
+    }
+}

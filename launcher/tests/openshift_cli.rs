@@ -46,6 +46,11 @@ impl Env {
 
     /// Runs paude-launch with `args` in a clean environment, bounded in time.
     async fn run(&self, args: &[&str]) -> Output {
+        self.run_with_input(args, &[]).await
+    }
+
+    /// Runs paude-launch with `args`, writing `input` to its stdin and then closing it.
+    async fn run_with_input(&self, args: &[&str], input: &[u8]) -> Output {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_paude-launch"));
         command
             .args(args)
@@ -57,11 +62,23 @@ impl Env {
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .current_dir(self.path("demo"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        tokio::time::timeout(Duration::from_secs(60), command.output())
+        let mut child = command.spawn().expect("paude-launch runs");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&input).await;
+        });
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
             .await
             .expect("paude-launch finished within 60 s")
-            .expect("paude-launch runs")
+            .expect("paude-launch output");
+        writer.await.expect("stdin writer");
+        output
     }
 }
 
@@ -412,4 +429,45 @@ async fn bad_session_names_are_refused_before_any_api_call() {
         );
     }
     assert!(api.requests().is_empty(), "{:?}", api.requests());
+}
+
+#[tokio::test]
+async fn git_bridge_pipes_bytes_through_the_api_exec_and_returns_the_exit_code() {
+    let api = FakeApi::start(&[NS], false).await;
+    let env = Env::new(&api);
+    // Every byte value, many times over: git's pack protocol is binary.
+    let input: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let output = env
+        .run_with_input(
+            &["git-bridge", "--backend", "openshift", "demo", "--", "cat"],
+            &input,
+        )
+        .await;
+    assert_ok(&output);
+    assert!(
+        output.stdout == input,
+        "stdout differs from stdin ({} bytes back)",
+        output.stdout.len()
+    );
+    let exec = api
+        .requests()
+        .into_iter()
+        .find(|r| r.path.ends_with("/exec"))
+        .expect("an exec");
+    assert_eq!(exec.path, format!("{CORE}/pods/paude-demo-agent-0/exec"));
+    assert!(exec.query.contains("stdin=true"), "{}", exec.query);
+    assert!(!exec.query.contains("tty=true"), "{}", exec.query);
+
+    let failed = env
+        .run(&[
+            "git-bridge",
+            "--backend",
+            "openshift",
+            "demo",
+            "--",
+            "exit",
+            "5",
+        ])
+        .await;
+    assert_eq!(failed.status.code(), Some(5), "{}", stderr(&failed));
 }

@@ -19,6 +19,135 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 
+/// Exec over WebSocket (the Kubernetes remote command protocol, v5 with v4 fallback) for a few
+/// stand-in programs: `cat` echoes stdin to stdout until stdin closes, `printf TEXT` writes
+/// TEXT to stdout and `err` to stderr, `exit N` ends with exit code N.
+mod exec {
+    use futures_util::{SinkExt, StreamExt};
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+
+    const STDIN: u8 = 0;
+    const STDOUT: u8 = 1;
+    const STDERR: u8 = 2;
+    const STATUS: u8 = 3;
+    const CLOSE: u8 = 255;
+
+    fn decode(value: &str) -> String {
+        let bytes = value.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else if bytes[i] == b'+' {
+                out.push(b' ');
+                i += 1;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    pub fn upgrade(req: &mut Request<Incoming>, query: &str) -> Response<Full<Bytes>> {
+        let argv: Vec<String> = query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .filter(|(k, _)| *k == "command")
+            .map(|(_, v)| decode(v))
+            .collect();
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .map(|k| derive_accept_key(k.as_bytes()))
+            .unwrap_or_default();
+        let offered = req
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let protocol = if offered.contains("v5.channel.k8s.io") {
+            "v5.channel.k8s.io"
+        } else {
+            "v4.channel.k8s.io"
+        };
+        let upgrading = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrading.await else {
+                return;
+            };
+            let ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            run(ws, argv).await;
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", key)
+            .header("sec-websocket-protocol", protocol)
+            .body(Full::new(Bytes::new()))
+            .expect("upgrade response")
+    }
+
+    fn frame(channel: u8, data: &[u8]) -> Message {
+        let mut bytes = vec![channel];
+        bytes.extend_from_slice(data);
+        Message::binary(bytes)
+    }
+
+    async fn run<S>(mut ws: WebSocketStream<S>, argv: Vec<String>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let mut code = 0;
+        match argv.first().map(String::as_str) {
+            Some("cat") => {
+                while let Some(Ok(message)) = ws.next().await {
+                    let Message::Binary(data) = message else {
+                        continue;
+                    };
+                    match data.first() {
+                        Some(&STDIN) => {
+                            let _ = ws.send(frame(STDOUT, &data[1..])).await;
+                        }
+                        Some(&CLOSE) if data.get(1) == Some(&STDIN) => break,
+                        _ => {}
+                    }
+                }
+            }
+            Some("printf") => {
+                let text = argv.get(1).cloned().unwrap_or_default();
+                let _ = ws.send(frame(STDOUT, text.as_bytes())).await;
+                let _ = ws.send(frame(STDERR, b"err")).await;
+            }
+            Some("exit") => code = argv.get(1).and_then(|c| c.parse().ok()).unwrap_or(1),
+            _ => code = 127,
+        }
+        let status = if code == 0 {
+            json!({"metadata": {}, "status": "Success"})
+        } else {
+            json!({"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+                   "message": format!("command terminated with non-zero exit code: {code}"),
+                   "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]}})
+        };
+        let _ = ws.send(frame(STATUS, status.to_string().as_bytes())).await;
+        let _ = ws.close(None).await;
+    }
+}
+
 /// One request as the fake saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recorded {
@@ -87,6 +216,7 @@ impl FakeApi {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -271,7 +401,18 @@ fn query_param(query: &str, key: &str) -> Option<String> {
     })
 }
 
-async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path().ends_with("/exec") {
+        let query = req.uri().query().unwrap_or_default().to_string();
+        state.lock().unwrap().log.push(Recorded {
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            query: query.clone(),
+            content_type: String::new(),
+            body: Value::Null,
+        });
+        return exec::upgrade(&mut req, &query);
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or_default().to_string();

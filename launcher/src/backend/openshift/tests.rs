@@ -774,3 +774,47 @@ fn session_names_that_cannot_name_cluster_objects_are_refused() {
         assert!(err.contains("cannot name cluster objects"), "{bad}: {err}");
     }
 }
+
+#[tokio::test]
+async fn exec_captures_output_and_the_exit_code_through_the_api() {
+    let api = FakeApi::start(&[NS], false).await;
+    let client = api.client(NS).await;
+    let argv = vec!["printf".to_string(), "hello world".to_string()];
+    let (code, out, err) = bounded(super::exec::capture(
+        &client,
+        NS,
+        "paude-demo-agent-0",
+        &argv,
+    ))
+    .await
+    .expect("exec succeeds");
+    assert_eq!(
+        (code, out.as_slice(), err.as_slice()),
+        (0, &b"hello world"[..], &b"err"[..])
+    );
+    let argv = vec!["exit".to_string(), "3".to_string()];
+    let (code, _, _) = bounded(super::exec::capture(
+        &client,
+        NS,
+        "paude-demo-agent-0",
+        &argv,
+    ))
+    .await
+    .expect("exec succeeds");
+    assert_eq!(code, 3);
+    let requests = api.requests();
+    assert_eq!(
+        requests[0].path,
+        format!("{CORE}/pods/paude-demo-agent-0/exec")
+    );
+    assert!(
+        requests[0].query.contains("container=agent"),
+        "{}",
+        requests[0].query
+    );
+    assert!(
+        requests[0].query.contains("command=printf&command=hello"),
+        "{}",
+        requests[0].query
+    );
+}

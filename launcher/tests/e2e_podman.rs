@@ -267,18 +267,20 @@ async fn expect_connect_denied(session: &Session, url: &str) -> Result<()> {
     Ok(())
 }
 
-/// A connection that does not use the proxy must fail and reach nothing.
+/// A connection that does not use the proxy must fail to connect (curl's status 7, or 28 when
+/// the connection attempt times out) and reach nothing.
 async fn expect_direct_failure(session: &Session, url: &str) -> Result<()> {
     let out = session
         .sh(&format!(
-            "curl --noproxy '*' -sS -k --max-time 5 -o - '{url}'"
+            "curl --noproxy '*' --globoff -sS -k --max-time 5 -o - '{url}'"
         ))
         .await?;
     ensure!(
-        !out.success() && !out.stdout.contains("paude-upstream"),
-        "a direct connection to {url} got through: status {:?}\n{}",
+        matches!(out.code, Some(7 | 28)) && !out.stdout.contains("paude-upstream"),
+        "a direct connection to {url} did not fail to connect: status {:?}\n{}\n{}",
         out.code,
-        out.stdout.trim()
+        out.stdout.trim(),
+        out.stderr.trim()
     );
     Ok(())
 }
@@ -483,6 +485,51 @@ async fn exercise_session(
         .await,
     );
 
+    checks.record(
+        "the host's git identity is in the agent read-only, without credential helpers or keys",
+        async {
+            let out = session
+                .sh_ok(
+                    "cd /tmp && git config user.name; git config user.email; \
+                     git config --get-all credential.helper || echo no-helper; \
+                     for f in /etc/gitconfig $HOME/.gitconfig; do \
+                       [ -e \"$f\" ] && [ -w \"$f\" ] && echo \"writable $f\"; done; \
+                     ls -A $HOME/.ssh 2>/dev/null | sed 's/^/ssh-file /'; true",
+                )
+                .await?;
+            ensure!(
+                out == "host\nhost@paude.test\nno-helper\n",
+                "git configuration seen by the agent: {out:?}"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "the resource limits given to create are applied to the agent",
+        async {
+            let info = inspect("container", &agent).await?;
+            let host = &info["HostConfig"];
+            ensure!(
+                host["Memory"].as_i64() == Some(1 << 30),
+                "memory limit: {}",
+                host["Memory"]
+            );
+            ensure!(
+                host["PidsLimit"].as_i64() == Some(512),
+                "pids limit: {}",
+                host["PidsLimit"]
+            );
+            ensure!(
+                host["NanoCpus"].as_i64() == Some(1_500_000_000),
+                "cpu limit: {}",
+                host["NanoCpus"]
+            );
+            Ok(())
+        }
+        .await,
+    );
+
     // The upstream's certificate, for curl's --cacert inside the agent.
     let cert = upstream.certificate().await?;
     run(
@@ -520,12 +567,34 @@ async fn exercise_session(
         .await,
     );
     checks.record(
+        "a direct IPv6 connection fails",
+        expect_direct_failure(&session, "http://[2001:db8::1]/").await,
+    );
+    checks.record(
+        "a CONNECT to an allowed host carrying a denied host's TLS name is refused",
+        async {
+            // curl sends `CONNECT allowed.test:443` and then a ClientHello for denied.test.
+            let out = session
+                .sh("curl -sS --max-time 20 --cacert /tmp/upstream.pem \
+                     --connect-to denied.test:443:allowed.test:443 https://denied.test/fronted")
+                .await?;
+            ensure!(
+                !out.success() && !out.stdout.contains("paude-upstream"),
+                "the fronted request got through: {}",
+                out.stdout.trim()
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
         "DNS for outside names fails and no resolver is reachable",
         async {
             for host in ["probe.paude.invalid", ALLOWED_HOST] {
                 let out = session.sh(&format!("getent hosts {host}")).await?;
+                // Status 2: the name was not found (not a missing tool or a crash).
                 ensure!(
-                    !out.success(),
+                    out.code == Some(2),
                     "the agent resolved {host}: {}",
                     out.stdout.trim()
                 );
@@ -552,6 +621,21 @@ async fn exercise_session(
     checks.record(
         "the proxy's admin port is unreachable from the agent",
         async {
+            // The admin listener exists (on the proxy's loopback), so its absence from the
+            // agent's view is isolation, not a missing listener.
+            run(
+                support::podman([
+                    "exec",
+                    &session.proxy,
+                    "bash",
+                    "-c",
+                    "exec 3<>/dev/tcp/127.0.0.1/9090",
+                ]),
+                PROBE_LIMIT,
+                None,
+            )
+            .await?
+            .ok("connecting to the admin port inside the proxy container")?;
             let ip = &session.proxy_ip;
             expect_direct_failure(&session, &format!("http://{ip}:9090/")).await?;
             // Through the proxy, loopback and the proxy's own address are refused too.
@@ -744,6 +828,45 @@ async fn exercise_session(
     );
 
     checks.record(
+        "--dry-run on stop, allowed-domains and delete changes nothing",
+        async {
+            let objects = session_objects(&name).await?;
+            let agent_before = Session::started(&agent).await?;
+            let proxy_before = Session::started(&proxy).await?;
+            let list_before = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            for verb in [
+                vec!["stop", name.as_str(), "--dry-run"],
+                vec!["allowed-domains", &name, "--add", ADDED_HOST, "--dry-run"],
+                vec!["delete", &name, "--confirm", "--dry-run"],
+            ] {
+                launcher.ok(&verb, COMMAND_LIMIT).await?;
+            }
+            let list_after = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            ensure!(
+                list_before == list_after,
+                "the allowlist changed: {list_after}"
+            );
+            expect_forward_denied(&session, "http://added.test/dry-run").await?;
+            ensure!(
+                session_objects(&name).await? == objects,
+                "the session's objects changed"
+            );
+            ensure!(
+                Session::started(&agent).await? == agent_before
+                    && Session::started(&proxy).await? == proxy_before,
+                "a container was stopped or restarted"
+            );
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
         "delete without --confirm is refused and changes nothing",
         async {
             let before = session_objects(&name).await?;
@@ -818,6 +941,10 @@ async fn git_round_trip(launcher: &Launcher, session: &Session, repo: &Path) -> 
 async fn host_repo(dir: &Path, launcher: &Launcher) -> Result<()> {
     launcher.git(&["init", "-q", "-b", "main"]).await?;
     launcher.git(&["config", "user.name", "host"]).await?;
+    // A credential helper the agent must never see.
+    launcher
+        .git(&["config", "credential.helper", "store"])
+        .await?;
     launcher
         .git(&["config", "user.email", "host@paude.test"])
         .await?;
@@ -853,6 +980,12 @@ async fn a_session_is_isolated_and_keeps_its_work() {
             upstream.network.clone(),
             "--allowed-domains".into(),
             ALLOWED_HOST.into(),
+            "--memory".into(),
+            "1g".into(),
+            "--pids-limit".into(),
+            "512".into(),
+            "--cpus".into(),
+            "1.5".into(),
         ]);
         exercise_session(&mut checks, &launcher, &upstream, &args, dir.path()).await
     }

@@ -15,7 +15,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(cli)) {
+    let result = runtime.block_on(app::run(cli));
+    // Reading stdin (attach, git bridge) parks a blocking thread that only returns on the next
+    // keystroke; do not wait for it on the way out.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("paude-launch: error: {e:#}");

@@ -160,8 +160,20 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
         .with_context(|| format!("cannot create '{}' for the podman socket", dir.display()))?;
     let socket = dir.join("podman.sock");
     let url = format!("unix://{}", socket.display());
-    let child = tokio::process::Command::new("podman")
-        .args(["system", "service", "--time=0", &url])
+    let mut command = tokio::process::Command::new("podman");
+    command.args(["system", "service", "--time=0", &url]);
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent. The service
+    // (and the container runtimes it spawns) must not share our controlling terminal: they
+    // would reset its mode while `run` attaches to the agent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -1169,6 +1181,9 @@ impl Backend for Podman {
             }
         });
         let mut stdout = tokio::io::stdout();
+        // Podman keeps an attached TTY stream open after the command exits, so the exec's
+        // state is polled too: detaching from tmux ends the command and with it this loop.
+        let mut poll = tokio::time::interval(Duration::from_millis(300));
         loop {
             tokio::select! {
                 chunk = output.next() => match chunk {
@@ -1179,6 +1194,11 @@ impl Backend for Podman {
                     Some(Err(e)) => return Err(anyhow!(e).context("the connection to the agent broke")),
                     None => break,
                 },
+                _ = poll.tick() => {
+                    if docker.inspect_exec(&exec_id).await.map(|i| i.running == Some(false)).unwrap_or(true) {
+                        break;
+                    }
+                }
                 _ = winch.recv() => {
                     if let Ok(size) = crossterm::terminal::size() {
                         let _ = resize(size).await;

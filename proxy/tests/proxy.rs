@@ -1474,3 +1474,31 @@ async fn sigterm_closes_open_tunnels_after_the_drain_period() {
         proxy.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_serves_a_listener_the_caller_bound() {
+    use paude_proxy::{audit::Audit, config, dns::Dns, server};
+    use std::sync::Arc;
+
+    let cli = config::Cli {
+        allow: vec!["pypi".into()],
+        ..Default::default()
+    };
+    let loaded = config::load(&cli).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let limits = loaded.settings.limits.clone();
+    let dns = Dns::new(&[], limits.dns_timeout).unwrap();
+    let core = Arc::new(server::Core::new(loaded.policy, limits, dns, vec![addr]));
+    let state = Arc::new(server::State::new(core, Audit::default()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(server::run(listener, state, shutdown.clone()));
+    let out = raw(addr, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"), "{out}");
+    shutdown.cancel();
+    tokio::time::timeout(T, serving)
+        .await
+        .expect("run returns after shutdown")
+        .unwrap()
+        .unwrap();
+}

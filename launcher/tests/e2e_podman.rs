@@ -6,8 +6,9 @@
 //! hands to the session with `--egress-network`; the test names (`allowed.test`, `denied.test`,
 //! `added.test`) are pinned to it with `--proxy-resolve`, so no check can reach a real external
 //! address. One session is built and exercised by `a_session_is_isolated_and_keeps_its_work`
-//! (network isolation, allowlist changes, stop/start, git sync, delete); the other tests are
-//! quick and create nothing. The tests share Podman and run one at a time.
+//! (network isolation, allowlist changes, stop/start, git sync, delete); a second, short-lived
+//! session checks `--mount` and a session-owned egress network, to which no request is sent; the
+//! other tests are quick and create nothing. The tests share Podman and run one at a time.
 //!
 //! Needs Podman, runc, debootstrap and git (`.ci/run` installs them) and the paude-proxy binary
 //! of the same build (`cargo test --workspace` builds it).
@@ -991,6 +992,101 @@ async fn a_session_is_isolated_and_keeps_its_work() {
     }
     .await;
     checks.record("the session was created and exercised", result);
+    checks.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_session_with_its_own_egress_network_is_removed_completely() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        support::prepare_images().await?;
+        let suffix = support::unique_suffix();
+        let name = format!("e2e-mnt-{suffix}");
+        let _guard = SessionGuard(name.clone());
+        let service = ApiService::start(&suffix).await?;
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("host.txt"), "written on the host\n")?;
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        let mut args = base_create_args(&name);
+        args.extend([
+            "--mount".into(),
+            "--allowed-domains".into(),
+            ALLOWED_HOST.into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        launcher.ok(&args, CREATE_LIMIT).await?;
+        let agent = format!("paude-{name}-agent");
+        let proxy = format!("paude-{name}-proxy");
+        let egress = format!("paude-{name}-egress");
+        let session = Session {
+            name: name.clone(),
+            agent: agent.clone(),
+            proxy: proxy.clone(),
+            proxy_ip: String::new(),
+        };
+
+        checks.record(
+            "the session's own egress network joins the proxy, not the agent",
+            async {
+                let objects = session_objects(&name).await?;
+                ensure!(
+                    objects.contains(&format!("network {egress}")),
+                    "no {egress}: {objects:?}"
+                );
+                let proxy_info = inspect("container", &proxy).await?;
+                ensure!(
+                    proxy_info["NetworkSettings"]["Networks"]
+                        .get(&egress)
+                        .is_some(),
+                    "the proxy is not on {egress}"
+                );
+                let agent_info = inspect("container", &agent).await?;
+                ensure!(
+                    agent_info["NetworkSettings"]["Networks"]
+                        .get(&egress)
+                        .is_none(),
+                    "the agent is on {egress}"
+                );
+                // The egress network's gateway is this machine: the agent must not reach it.
+                let net = inspect("network", &egress).await?;
+                let gateway = net["subnets"][0]["gateway"]
+                    .as_str()
+                    .context("the egress network has no gateway")?
+                    .to_owned();
+                expect_direct_failure(&session, &format!("http://{gateway}/")).await
+            }
+            .await,
+        );
+        checks.record(
+            "--mount shows the current directory to the agent as its workspace",
+            async {
+                let seen = session.sh_ok("cat /workspace/host.txt").await?;
+                ensure!(seen == "written on the host\n", "the agent sees {seen:?}");
+                Ok(())
+            }
+            .await,
+        );
+        checks.record(
+            "delete --confirm removes the session's own egress network and keeps the host's files",
+            async {
+                launcher
+                    .ok(&["delete", &name, "--confirm"], COMMAND_LIMIT)
+                    .await?;
+                let left = session_objects(&name).await?;
+                ensure!(left.is_empty(), "left behind: {left:?}");
+                ensure!(
+                    dir.path().join("host.txt").is_file(),
+                    "delete removed the host's host.txt"
+                );
+                Ok(())
+            }
+            .await,
+        );
+        Ok(())
+    }
+    .await;
+    checks.record("the mounted session was created and exercised", result);
     checks.finish();
 }
 

@@ -32,6 +32,8 @@ pub struct Plan {
     /// Concurrency of the allowed tunnels measured with and without the denial flood.
     pub flood_concurrency: usize,
     pub flood_per_sec: u32,
+    /// Rounds of the flood comparison, which needs more than the others to see a 10 % change.
+    pub flood_rounds: usize,
     pub idle_tunnels: usize,
 }
 
@@ -48,6 +50,7 @@ impl Plan {
             deny_concurrency: 16,
             flood_concurrency: 16,
             flood_per_sec: 1000,
+            flood_rounds: 5,
             idle_tunnels: 10_000,
         }
     }
@@ -64,6 +67,7 @@ impl Plan {
             deny_concurrency: 4,
             flood_concurrency: 4,
             flood_per_sec: 200,
+            flood_rounds: 1,
             idle_tunnels: 100,
         }
     }
@@ -266,12 +270,36 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
             results.deny.entry(kind).or_default().add_round(sample);
         }
     }
-    for round in 0..plan.rounds {
+    // Baseline and flood alternate in half-length slices, in the order base, flood, flood,
+    // base, so a machine that speeds up or slows down during the round affects both alike.
+    let half = d / 2;
+    for round in 0..plan.flood_rounds {
         for kind in rotation(&proxies, round) {
             let peer = alive(&mut running, kind)?;
             let route = peer.route;
             let c = plan.flood_concurrency;
-            let base = scenarios::tunnel_rate(route, echo.addr, hello.clone(), c, d).await;
+            let mut base = Sample::default();
+            let mut allowed = Sample::default();
+            let mut denied = Sample::default();
+            for flooded in [false, true, true, false] {
+                if flooded {
+                    let (a, f) = scenarios::tunnel_rate_under_flood(
+                        route,
+                        echo.addr,
+                        hello.clone(),
+                        c,
+                        plan.flood_per_sec,
+                        half,
+                    )
+                    .await;
+                    allowed.merge(a);
+                    denied.merge(f);
+                } else {
+                    base.merge(
+                        scenarios::tunnel_rate(route, echo.addr, hello.clone(), c, half).await,
+                    );
+                }
+            }
             progress(
                 "flood baseline",
                 kind,
@@ -280,15 +308,6 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
                 base.ops_per_sec(),
                 "tunnels/s",
             );
-            let (allowed, denied) = scenarios::tunnel_rate_under_flood(
-                route,
-                echo.addr,
-                hello.clone(),
-                c,
-                plan.flood_per_sec,
-                d,
-            )
-            .await;
             progress(
                 "flood allowed",
                 kind,

@@ -269,10 +269,13 @@ pub fn render(results: &Results, date: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "- plan: {} rounds of {:.1} s per scenario and peer, peers interleaved in rotating order; \
-         load generator, upstream servers and proxies share the same machine\n",
+        "- plan: {} rounds of {:.1} s per scenario and peer, peers interleaved in rotating order \
+         ({} rounds for the denial flood, each split base, flood, flood, base); rates are medians \
+         over rounds, latencies pooled; load generator, upstream servers and proxies share the \
+         same machine\n",
         p.rounds,
-        p.duration.as_secs_f64()
+        p.duration.as_secs_f64(),
+        p.flood_rounds
     );
 
     let rows = rows(results);

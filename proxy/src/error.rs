@@ -48,11 +48,12 @@ pub enum Reason {
     UpstreamError,
     BadRequest,
     UnsupportedScheme,
+    HeaderTooLarge,
 }
 
 impl Reason {
     /// Every reason, for metrics that list them all from the start.
-    pub const ALL: [Reason; 24] = [
+    pub const ALL: [Reason; 25] = [
         Reason::Allowed,
         Reason::DeniedByRule,
         Reason::NotAllowed,
@@ -77,6 +78,7 @@ impl Reason {
         Reason::UpstreamError,
         Reason::BadRequest,
         Reason::UnsupportedScheme,
+        Reason::HeaderTooLarge,
     ];
 
     /// The stable code used in headers, logs and metrics.
@@ -106,13 +108,16 @@ impl Reason {
             Reason::UpstreamError => "upstream_error",
             Reason::BadRequest => "bad_request",
             Reason::UnsupportedScheme => "unsupported_scheme",
+            Reason::HeaderTooLarge => "header_too_large",
         }
     }
 
     /// Who is at fault.
     pub fn fault(self) -> Fault {
         match self {
-            Reason::BadRequest | Reason::UnsupportedScheme => Fault::Client,
+            Reason::BadRequest | Reason::UnsupportedScheme | Reason::HeaderTooLarge => {
+                Fault::Client
+            }
             Reason::Unresolvable
             | Reason::DnsTimeout
             | Reason::ConnectTimeout
@@ -127,6 +132,7 @@ impl Reason {
         match self {
             Reason::Allowed => StatusCode::OK,
             Reason::DnsTimeout | Reason::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             _ => match self.fault() {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Policy => StatusCode::FORBIDDEN,

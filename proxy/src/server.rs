@@ -158,6 +158,8 @@ pub async fn run(
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let stop = shutdown.clone();
+        let conn_audit = state.clone();
+        let accepted = Instant::now();
         conns.spawn(async move {
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -170,6 +172,29 @@ pub async fn run(
             };
             if let Err(e) = result {
                 tracing::debug!(client = %peer, "connection ended: {e}");
+                // hyper answered a malformed or oversized head itself (400/431); the audit
+                // log still gets its line.
+                let reason = if e.is_parse_too_large() {
+                    Some(Reason::HeaderTooLarge)
+                } else if e.is_parse() {
+                    Some(Reason::BadRequest)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    conn_audit.finish(&Record {
+                        started: accepted,
+                        client: peer,
+                        method: None,
+                        host: String::new(),
+                        port: 0,
+                        resolved: None,
+                        decision: Decision::deny(reason),
+                        sni: None,
+                        bytes_up: 0,
+                        bytes_down: 0,
+                    });
+                }
             }
         });
     }

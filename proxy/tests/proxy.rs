@@ -358,8 +358,17 @@ async fn ports_other_than_443_and_80_need_a_pattern_that_names_them() {
 async fn malformed_and_oversized_requests_get_400_and_431_and_the_proxy_keeps_serving() {
     let web = http_upstream().await;
     let allow = format!("web.test:{}", web.port());
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
     let proxy = start(
-        &["--allow", &allow, "--max-header-bytes", "8192"],
+        &[
+            "--allow",
+            &allow,
+            "--max-header-bytes",
+            "8192",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
         &loopback_pin("web.test"),
     );
     let out = raw(proxy.addr, b"THIS IS NOT HTTP\r\n\r\n").await;
@@ -389,6 +398,17 @@ async fn malformed_and_oversized_requests_get_400_and_431_and_the_proxy_keeps_se
     );
     let out = raw(proxy.addr, ok.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let lines = audit_lines(&audit, 5);
+    let reasons: Vec<&str> = lines
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert!(reasons.contains(&"header_too_large"), "{reasons:?}");
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "bad_request").count(),
+        3,
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,8 +11,9 @@ use serde::Deserialize;
 
 use crate::backend::{self, Backend, Progress, SessionInfo};
 use crate::cli::{AllowedDomainsArgs, Cli, Command, CreateArgs, Global, RemoteAction};
+use crate::customise;
 use crate::git;
-use crate::images::{self, Customisation, ImageInputs};
+use crate::images::{self, ImageInputs};
 use crate::plan::{edit_allowlist, Plan, ProxyConfig};
 use crate::spec::{AllowItem, HostContext, SessionName, SessionSpec};
 
@@ -204,9 +205,15 @@ fn plan_session(global: &Global, args: &CreateArgs) -> Result<Plan> {
     let host = host_context(agent.readonly_home_mounts)?;
     let spec = SessionSpec::from_args(args, global.backend, host)?;
     let inputs = load_inputs(&spec)?;
-    let custom = Customisation::default();
+    let (custom, custom_warnings) = customise::load(&spec.host.cwd)?;
     let plan = Plan::new(&spec, &inputs, &custom);
-    for w in &plan.warnings {
+    if let Some(source) = &custom.source {
+        eprintln!("paude: customising the agent image from {source}");
+        for cmd in &custom.setup {
+            eprintln!("paude: {source} setup runs during the image build: {cmd}");
+        }
+    }
+    for w in custom_warnings.iter().chain(&plan.warnings) {
         eprintln!("paude: warning: {w}");
     }
     Ok(plan)

@@ -89,6 +89,9 @@ impl ImagePlan {
 pub struct Customisation {
     /// Replaces `--base-image`.
     pub base: Option<String>,
+    /// The project's own Dockerfile (devcontainer `build.dockerfile`), built first and used as
+    /// the agent image's base.
+    pub base_build: Option<ImagePlan>,
     /// Debian packages installed into the image.
     pub packages: Vec<String>,
     /// Shell commands run as root at the end of the image build.
@@ -135,7 +138,11 @@ pub fn agent_image(
     inputs: &ImageInputs,
     custom: &Customisation,
 ) -> ImagePlan {
-    let base = custom.base.as_deref().unwrap_or(base);
+    let built_base = custom.base_build.as_ref().map(ImagePlan::reference);
+    let base = built_base
+        .as_deref()
+        .or(custom.base.as_deref())
+        .unwrap_or(base);
     let ca_env = if inputs.ca_bundle.is_some() {
         "ENV NODE_EXTRA_CA_CERTS=/etc/paude/ca-bundle.crt"
     } else {

@@ -2,7 +2,7 @@
 //!
 //! Module map: `cli` (flags as parsed) → `spec` (validated request) → `plan` (everything
 //! decided, pure) with `agents` (agents as data) and `images` (build contexts and input
-//! hashes) → `backend` (the `Backend` trait; `podman`, `openshift`) applies a plan; `app` runs
+//! hashes) and `customise` (paude.json / devcontainer.json) → `backend` (the `Backend` trait; `podman`, `openshift`) applies a plan; `app` runs
 //! the verbs; `git` syncs the user's repository with a session. `main.rs` only parses the
 //! command line and maps the result to an exit code.
 
@@ -10,6 +10,7 @@ pub mod agents;
 pub mod app;
 pub mod backend;
 pub mod cli;
+pub mod customise;
 pub mod git;
 pub mod images;
 pub mod plan;

@@ -247,6 +247,9 @@ pub struct Plan {
     pub proxy_image: ImagePlan,
     /// The agent image.
     pub agent_image: ImagePlan,
+    /// The project's own Dockerfile (devcontainer `build`), built before the agent image,
+    /// which uses it as its base.
+    pub base_build: Option<ImagePlan>,
     /// Rebuild images even when present.
     pub rebuild: bool,
     /// The proxy's configuration before the backend binds it to an address.
@@ -446,6 +449,7 @@ impl Plan {
                 images::DEBIAN_BASE,
             ),
             agent_image: images::agent_image(spec.agent, &spec.images.base_image, inputs, custom),
+            base_build: custom.base_build.clone(),
             rebuild: spec.images.rebuild,
             proxy,
             agent_container: AgentPlan {

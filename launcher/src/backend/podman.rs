@@ -325,7 +325,8 @@ pub fn render_plan(plan: &Plan) -> String {
         plan.name, plan.agent.name
     ));
     line(String::new());
-    for (what, img) in [("proxy", &plan.proxy_image), ("agent", &plan.agent_image)] {
+    let base = plan.base_build.iter().map(|b| ("project base", b));
+    for (what, img) in base.chain([("proxy", &plan.proxy_image), ("agent", &plan.agent_image)]) {
         line(format!("image {} ({what})", img.reference()));
         line(format!(
             "  from:    {}",
@@ -1008,7 +1009,11 @@ impl Backend for Podman {
 
     async fn ensure_images(&self, plan: &Plan, progress: Progress) -> Result<()> {
         let docker = self.docker().await?;
-        for image in [&plan.proxy_image, &plan.agent_image] {
+        let images = plan
+            .base_build
+            .iter()
+            .chain([&plan.proxy_image, &plan.agent_image]);
+        for image in images {
             let reference = image.reference();
             if !plan.rebuild && docker.inspect_image(&reference).await.is_ok() {
                 progress.detail(format!("image {reference} is up to date"));

@@ -26,6 +26,7 @@ pub mod error;
 pub mod forward;
 pub mod handler;
 pub mod host;
+pub mod ifaddrs;
 pub mod policy;
 pub mod reload;
 pub mod server;
@@ -63,10 +64,11 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut own = vec![local];
+    let mut listeners = vec![local];
     if let Some(a) = &admin {
-        own.push(a.local_addr()?);
+        listeners.push(a.local_addr()?);
     }
+    let own = ifaddrs::own_addresses(&listeners);
     let dns = Dns::new(&settings.dns_servers, settings.limits.dns_timeout)?;
     let core = Arc::new(Core::new(loaded.policy, settings.limits.clone(), dns, own));
     let audit = Audit::open(settings.audit_log.as_ref()).await?;

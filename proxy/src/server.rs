@@ -47,8 +47,9 @@ impl Core {
         }
     }
 
-    /// Whether `addr` is one of the proxy's own listeners. A listener on the unspecified
-    /// address is matched on every loopback and unspecified address.
+    /// Whether `addr` is one of the proxy's own listening addresses. A listener on the
+    /// unspecified address also matches its port on loopback and on the unspecified address
+    /// (its interface addresses are listed in `own` already).
     pub fn is_own(&self, addr: SocketAddr) -> bool {
         self.own.iter().any(|own| {
             own.port() == addr.port()

@@ -286,6 +286,10 @@ async fn a_session_lives_and_dies_on_kubernetes() {
         "registry.example/team/paude-agent-shell"
     );
 
+    let status = env.run(&["status", "demo", "--backend", "openshift"]).await;
+    assert_ok(&status);
+    assert!(stdout(&status).contains("running"), "{}", stdout(&status));
+
     let list = env.run(&["list", "--backend", "openshift"]).await;
     assert_ok(&list);
     assert!(stdout(&list).contains("demo"), "{}", stdout(&list));

@@ -369,6 +369,12 @@ fn matches(object: &Value, selector: &str) -> bool {
     })
 }
 
+/// What the StatefulSet controller reports once its pods run: every wanted replica ready.
+fn play_statefulset_controller(object: &mut Value) {
+    let wanted = object["spec"]["replicas"].as_i64().unwrap_or(1);
+    object["status"] = json!({"replicas": wanted, "readyReplicas": wanted});
+}
+
 /// RFC 7386 JSON merge patch.
 fn merge(target: &mut Value, patch: &Value) {
     match patch {
@@ -592,6 +598,9 @@ async fn handle(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Respons
                 };
                 object["spec"]["clusterIP"] = json!(ip);
             }
+            if plural == "statefulsets" {
+                play_statefulset_controller(&mut object);
+            }
             state
                 .objects
                 .entry(collection)
@@ -625,6 +634,9 @@ async fn handle(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Respons
             {
                 Some(object) => {
                     object["spec"]["replicas"] = replicas.clone();
+                    if plural == "statefulsets" {
+                        play_statefulset_controller(object);
+                    }
                     respond(
                         StatusCode::OK,
                         json!({"apiVersion": "autoscaling/v1", "kind": "Scale",

@@ -510,7 +510,8 @@ pub async fn proxy_log(client: &Client, namespace: &str, session: &str) -> Resul
         .with_context(|| format!("cannot read the proxy log of pod {name}"))
 }
 
-/// Waits until the agent pod is ready, reporting the pod's waiting reason on timeout.
+/// Waits until the agent pod is ready and its StatefulSet counts it, so that `status` right
+/// after reports the session running; reports the pod's waiting reason on timeout.
 pub async fn wait_ready(
     client: &Client,
     namespace: &str,
@@ -520,14 +521,23 @@ pub async fn wait_ready(
 ) -> Result<()> {
     let names = Names::new(session);
     let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), namespace);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        let counted = statefulsets
+            .get_opt(&names.agent)
+            .await?
+            .and_then(|s| s.status)
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+            >= 1;
         let pod = pods.get_opt(&names.agent_pod).await?;
-        let ready = pod
-            .as_ref()
-            .and_then(|p| p.status.as_ref())
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ready = counted
+            && pod
+                .as_ref()
+                .and_then(|p| p.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         if ready {
             return Ok(());
         }

@@ -574,7 +574,7 @@ async fn list_finds_sessions_by_label_and_reports_their_state() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].name, "demo");
     assert_eq!(rows[0].agent, "shell");
-    assert_eq!(rows[0].state, "starting", "no pod is ready yet");
+    assert_eq!(rows[0].state, "running");
 }
 
 #[tokio::test]
@@ -817,4 +817,69 @@ async fn exec_captures_output_and_the_exit_code_through_the_api() {
         "{}",
         requests[0].query
     );
+}
+
+#[tokio::test]
+async fn blocked_reads_the_proxy_pods_log() {
+    let api = FakeApi::start(&[NS], false).await;
+    let client = api.client(NS).await;
+    let err = bounded(api::proxy_log(&client, NS, "demo"))
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err}").contains("proxy of session \"demo\" is not running"),
+        "{err}"
+    );
+    api.put(
+        &format!("{CORE}/pods"),
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "paude-demo-proxy-5d8f-x2", "namespace": NS,
+                         "labels": {"paude.session": "demo", "paude.role": "proxy"}}}),
+    );
+    let line = r#"{"host":"evil.example","decision":"deny"}"#;
+    api.set_pod_log("paude-demo-proxy-5d8f-x2", line);
+    api.take_calls();
+    assert_eq!(
+        bounded(api::proxy_log(&client, NS, "demo")).await.unwrap(),
+        line
+    );
+    assert_eq!(
+        api.take_calls(),
+        calls(&[
+            &format!("GET {CORE}/pods"),
+            &format!("GET {CORE}/pods/paude-demo-proxy-5d8f-x2/log"),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn waiting_for_the_agent_names_the_pods_reason_on_timeout() {
+    let api = FakeApi::start(&[NS], false).await;
+    let client = api.client(NS).await;
+    bounded(api::create(
+        &client,
+        &session(Flavor::Kubernetes),
+        &[],
+        false,
+        waits(),
+    ))
+    .await
+    .unwrap();
+    api.put(
+        &format!("{CORE}/pods"),
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "paude-demo-agent-0", "namespace": NS},
+            "status": {"containerStatuses": [{"name": "agent", "ready": false, "restartCount": 0,
+                "image": "x", "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}),
+    );
+    let err = bounded(api::wait_ready(
+        &client,
+        NS,
+        "demo",
+        Duration::from_millis(10),
+        Duration::from_millis(50),
+    ))
+    .await
+    .unwrap_err();
+    assert!(format!("{err}").contains("ImagePullBackOff"), "{err}");
 }

@@ -77,6 +77,15 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let backend = backend::open(&global).await?;
             backend.delete(&name, progress).await?;
             println!("session {name} is deleted");
+            if let Ok(cwd) = std::env::current_dir() {
+                match git::remove_remote(&cwd, &name) {
+                    Ok(true) => println!("removed the git remote paude-{name}"),
+                    Ok(false) => {}
+                    Err(e) => eprintln!(
+                        "paude: warning: could not remove the git remote paude-{name}: {e:#}"
+                    ),
+                }
+            }
             Ok(0)
         }
         Command::Remote {

@@ -99,6 +99,22 @@ pub fn add_remote(dir: &Path, backend: BackendKind, name: &SessionName) -> Resul
     Ok(remote)
 }
 
+/// Removes the `paude-NAME` remote from the repository at `dir` when it is a bridge remote;
+/// returns whether one was removed. Outside a repository this does nothing.
+pub fn remove_remote(dir: &Path, name: &SessionName) -> Result<bool> {
+    let Ok(root) = repo_root(dir) else {
+        return Ok(false);
+    };
+    let remote = format!("paude-{name}");
+    match git(&root, &["remote", "get-url", &remote]) {
+        Ok(url) if url.starts_with("ext::") && url.contains(" git-bridge ") => {
+            git(&root, &["remote", "remove", &remote])?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Prepares the session's repository (init, `receive.denyCurrentBranch updateInstead`, the
 /// current branch checked out) and pushes the current branch and tags into it; then sets the
 /// container's `origin` to the host repository's origin when that is a network URL.
@@ -163,6 +179,52 @@ mod tests {
             remote_url("/opt/my tools/paude-launch", BackendKind::Openshift, &name),
             "ext::/opt/my% tools/paude-launch git-bridge --backend openshift demo -- %S /workspace"
         );
+    }
+
+    #[test]
+    fn add_then_remove_remote_in_a_real_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        git(dir.path(), &["init", "-q"]).expect("git must be installed: apt-get install git");
+        let name = SessionName::parse("demo").unwrap();
+        assert_eq!(
+            add_remote(dir.path(), BackendKind::Podman, &name).unwrap(),
+            "paude-demo"
+        );
+        let url = git(dir.path(), &["remote", "get-url", "paude-demo"]).unwrap();
+        assert!(
+            url.starts_with("ext::")
+                && url.ends_with(" git-bridge --backend podman demo -- %S /workspace"),
+            "{url}"
+        );
+        assert_eq!(
+            git(dir.path(), &["config", "--local", "protocol.ext.allow"]).unwrap(),
+            "always"
+        );
+        // Adding again updates instead of failing.
+        add_remote(dir.path(), BackendKind::Podman, &name).unwrap();
+        assert!(remove_remote(dir.path(), &name).unwrap());
+        assert!(!remove_remote(dir.path(), &name).unwrap());
+        // A user's own remote of the same name is left alone.
+        git(
+            dir.path(),
+            &[
+                "remote",
+                "add",
+                "paude-demo",
+                "https://example.invalid/x.git",
+            ],
+        )
+        .unwrap();
+        assert!(!remove_remote(dir.path(), &name).unwrap());
+    }
+
+    #[test]
+    fn outside_a_repository_git_setup_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = repo_root(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not inside a git repository"), "{err}");
+        let name = SessionName::parse("demo").unwrap();
+        assert!(!remove_remote(dir.path(), &name).unwrap());
     }
 
     #[test]

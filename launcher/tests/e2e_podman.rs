@@ -755,12 +755,17 @@ async fn exercise_session(
         .await,
     );
     checks.record(
-        "list and status show the session",
+        "list, a bare paude-launch and status show the session",
         async {
             let listed = launcher.ok(&["list"], COMMAND_LIMIT).await?.stdout;
             ensure!(
                 listed.contains(&name),
                 "list does not show {name}: {listed}"
+            );
+            let bare = launcher.ok(&[], COMMAND_LIMIT).await?.stdout;
+            ensure!(
+                bare.contains(&name),
+                "a bare paude-launch does not list {name}: {bare}"
             );
             let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
             ensure!(
@@ -785,7 +790,7 @@ async fn exercise_session(
     );
 
     checks.record(
-        "workspace and home files survive stop and start",
+        "workspace and home files survive stop and start, and status follows the state",
         async {
             session
                 .sh_ok(
@@ -793,15 +798,33 @@ async fn exercise_session(
                      echo kept-in-home > /home/paude/.keep",
                 )
                 .await?;
+            // An allowlist change made while running must survive the restart too (checked
+            // below, once the agent is back).
+            launcher
+                .ok(
+                    &["allowed-domains", &name, "--add", ADDED_HOST],
+                    COMMAND_LIMIT,
+                )
+                .await?;
             launcher.ok(&["stop", &name], COMMAND_LIMIT).await?;
             ensure!(
                 !Session::is_running(&agent).await?,
                 "the agent still runs after stop"
             );
+            let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
+            ensure!(
+                status.to_lowercase().contains("stopped") && !status.contains("running"),
+                "status after stop: {status}"
+            );
             launcher.ok(&["start", &name], COMMAND_LIMIT).await?;
             ensure!(
                 Session::is_running(&agent).await?,
                 "the agent does not run after start"
+            );
+            let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
+            ensure!(
+                status.to_lowercase().contains("running"),
+                "status after start: {status}"
             );
             let out = session
                 .sh_ok("cat /workspace/keep.txt /home/paude/.keep")
@@ -815,10 +838,21 @@ async fn exercise_session(
         .await,
     );
     checks.record(
-        "after stop and start the agent is back in tmux and still reaches allowed hosts",
+        "after stop and start the agent is back in tmux and its allowlist, with changes, holds",
         async {
             session.sh_ok("tmux has-session -t paude").await?;
-            eventually_upstream(&session, "http://allowed.test/after-restart", ALLOWED_HOST).await
+            eventually_upstream(&session, "http://allowed.test/after-restart", ALLOWED_HOST)
+                .await?;
+            eventually_upstream(&session, "http://added.test/after-restart", ADDED_HOST)
+                .await
+                .context("the allowlist change made before stop was lost")?;
+            launcher
+                .ok(
+                    &["allowed-domains", &name, "--remove", ADDED_HOST],
+                    COMMAND_LIMIT,
+                )
+                .await?;
+            eventually_denied(&session, "http://added.test/removed-again").await
         }
         .await,
     );

@@ -268,22 +268,33 @@ async fn create_planned(backend: &dyn Backend, plan: &Plan, progress: Progress) 
 
 /// `run`: create the session unless it exists, start it if stopped, then attach.
 async fn run_session(global: &Global, args: &CreateArgs, progress: Progress) -> Result<i32> {
-    let plan = plan_session(global, args)?;
     let backend = backend::open(global).await?;
     if global.dry_run {
+        let plan = plan_session(global, args)?;
         print!("{}", backend.render(&plan)?);
         return Ok(0);
     }
-    match backend.status(&plan.name).await {
+    let name = match &args.name {
+        Some(n) => SessionName::parse(n)?,
+        None => SessionName::from_dir(
+            &std::env::current_dir().context("cannot read the current directory")?,
+        )?,
+    };
+    // An existing session is resumed as it was created; only a new one needs a plan (and so
+    // the image inputs).
+    match backend.status(&name).await {
         Ok(info) => {
             if info.state != backend::SessionState::Running {
-                progress.step(format!("starting session {}", plan.name));
-                backend.start(&plan.name).await?;
+                progress.step(format!("starting session {name}"));
+                backend.start(&name).await?;
             }
         }
-        Err(_) => create_planned(backend.as_ref(), &plan, progress).await?,
+        Err(_) => {
+            let plan = plan_session(global, args)?;
+            create_planned(backend.as_ref(), &plan, progress).await?;
+        }
     }
-    connect(backend.as_ref(), &plan.name).await?;
+    connect(backend.as_ref(), &name).await?;
     Ok(0)
 }
 

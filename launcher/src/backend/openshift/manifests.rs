@@ -220,6 +220,21 @@ impl Session {
         }
     }
 
+    /// A pod template's metadata. On OpenShift the annotation makes the image names
+    /// (`stream:tag`) resolve through the namespace's ImageStreams for this workload too.
+    fn pod_meta(&self, role: &str) -> ObjectMeta {
+        ObjectMeta {
+            labels: Some(self.labels_with_role(role)),
+            annotations: (self.flavor == Flavor::OpenShift).then(|| {
+                BTreeMap::from([(
+                    "alpha.image.policy.openshift.io/resolve-names".to_string(),
+                    "*".to_string(),
+                )])
+            }),
+            ..ObjectMeta::default()
+        }
+    }
+
     /// Builds every object; `proxy_host` is the proxy Service's cluster IP (or
     /// [`DRY_RUN_PROXY_HOST`] in a dry run).
     pub fn manifests(&self, proxy_host: &str) -> Manifests {
@@ -403,10 +418,7 @@ impl Session {
                     ..DeploymentStrategy::default()
                 }),
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(self.labels_with_role(ROLE_PROXY)),
-                        ..ObjectMeta::default()
-                    }),
+                    metadata: Some(self.pod_meta(ROLE_PROXY)),
                     spec: Some(PodSpec {
                         containers: vec![container],
                         // A ConfigMap mounted as a directory (never with subPath) is updated in
@@ -509,10 +521,7 @@ impl Session {
                     ..LabelSelector::default()
                 },
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(self.labels_with_role(ROLE_AGENT)),
-                        ..ObjectMeta::default()
-                    }),
+                    metadata: Some(self.pod_meta(ROLE_AGENT)),
                     spec: Some(PodSpec {
                         containers: vec![container],
                         // Credentials live in RAM only: never on a node's disk, never in a

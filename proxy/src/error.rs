@@ -207,9 +207,8 @@ impl ProxyError {
         }
     }
 
-    /// The one mapping from a refusal to the answer the client gets.
-    pub fn response(&self, method: &str, target: &str) -> Response<Full<Bytes>> {
-        let status = self.reason.status();
+    /// The paragraph a refusal is answered with: what, why, and the flag that allows it.
+    fn body(&self, method: &str, target: &str) -> String {
         let verb = match self.reason.fault() {
             Fault::Upstream => "could not reach",
             _ => "refused",
@@ -221,8 +220,28 @@ impl ProxyError {
             None => {}
         }
         body.push('\n');
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = status;
+        body
+    }
+
+    /// The same answer as [`ProxyError::response`] as raw HTTP/1.1 bytes, for the CONNECT
+    /// path that runs on the bare socket; it always closes the connection.
+    pub fn raw_response(&self, method: &str, target: &str) -> Vec<u8> {
+        let status = self.reason.status();
+        let body = self.body(method, target);
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-paude-deny: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            self.reason.code(),
+            body.len(),
+        )
+        .into_bytes()
+    }
+
+    /// The one mapping from a refusal to the answer the client gets.
+    pub fn response(&self, method: &str, target: &str) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from(self.body(method, target))));
+        *resp.status_mut() = self.reason.status();
         let headers = resp.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

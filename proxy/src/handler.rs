@@ -1,5 +1,6 @@
 //! One request: parse the target, ask the policy, then hand over to the tunnel (CONNECT) or
-//! to the forwarder (absolute-form HTTP). Refusals become responses through
+//! to the forwarder (absolute-form HTTP). A CONNECT that opens a connection is served on the
+//! bare socket ([`connect_raw`]); one later on a keep-alive connection goes through hyper. Refusals become responses through
 //! [`ProxyError::response`] and are recorded once.
 
 use std::convert::Infallible;
@@ -11,6 +12,8 @@ use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::audit::Record;
@@ -211,4 +214,109 @@ fn method_name(method: &Method) -> &'static str {
         Method::TRACE => "TRACE",
         _ => "OTHER",
     }
+}
+
+/// The answer to a request refused on the bare socket: recorded, written, then the connection
+/// closes. The write is bounded so a client that does not read cannot hold the task.
+async fn refuse_raw(
+    state: &State,
+    client: &mut TcpStream,
+    mut record: Record,
+    err: &ProxyError,
+    shown: &str,
+) {
+    record.decision.allowed = false;
+    record.decision.reason = err.reason;
+    record.resolved = record.resolved.or(err.resolved);
+    state.finish(&record);
+    let bytes = err.raw_response("CONNECT", shown);
+    let _ = tokio::time::timeout(state.core.limits.header_timeout, client.write_all(&bytes)).await;
+    let _ = client.shutdown().await;
+}
+
+/// A CONNECT that opened the connection, served without hyper: decide, connect, answer
+/// `200`, then run the tunnel in this same task. `rest` holds the bytes the client sent
+/// behind the CONNECT head (a pipelined ClientHello).
+pub async fn connect_raw(
+    state: Arc<State>,
+    peer: SocketAddr,
+    mut client: TcpStream,
+    authority: String,
+    rest: Vec<u8>,
+    started: Instant,
+) {
+    let target = match Target::parse(&authority, None) {
+        Ok(t) => t,
+        Err(e) => {
+            let rec = record(
+                started,
+                peer,
+                &Method::CONNECT,
+                authority.clone(),
+                0,
+                Decision::deny(Reason::BadRequest),
+            );
+            let err = ProxyError::new(
+                Reason::BadRequest,
+                format!("the CONNECT target is not host:port ({e})"),
+            );
+            return refuse_raw(&state, &mut client, rec, &err, &authority).await;
+        }
+    };
+    let policy = state.core.policy.load_full();
+    let decision = policy.decide(&target, Via::Connect);
+    let mut rec = record(
+        started,
+        peer,
+        &Method::CONNECT,
+        host_text(&target.host),
+        target.port,
+        decision,
+    );
+    if !rec.decision.allowed {
+        let err = explain(&rec.decision, &target, Via::Connect);
+        return refuse_raw(&state, &mut client, rec, &err, &target.to_string()).await;
+    }
+    let (upstream, addr) = match connect(&state.core, &policy, &target).await {
+        Ok(c) => c,
+        Err(err) => return refuse_raw(&state, &mut client, rec, &err, &target.to_string()).await,
+    };
+    rec.resolved = Some(addr);
+    let established = tokio::time::timeout(
+        state.core.limits.header_timeout,
+        client.write_all(b"HTTP/1.1 200 OK\r\n\r\n"),
+    )
+    .await;
+    if !matches!(established, Ok(Ok(()))) {
+        return state.finish(&rec);
+    }
+    let allow_opaque = policy.allow_opaque;
+    drop(policy);
+    tunnel::serve(&state, client, rest, upstream, target, rec, allow_opaque).await;
+}
+
+/// A CONNECT head that could not be parsed or was too large, answered on the bare socket.
+pub async fn malformed_connect(
+    state: &State,
+    peer: SocketAddr,
+    mut client: TcpStream,
+    reason: Reason,
+    started: Instant,
+) {
+    let rec = record(
+        started,
+        peer,
+        &Method::CONNECT,
+        String::new(),
+        0,
+        Decision::deny(reason),
+    );
+    let err = match reason {
+        Reason::HeaderTooLarge => {
+            ProxyError::new(reason, "the request head is larger than the limit")
+                .fix("a larger --max-header-bytes")
+        }
+        _ => ProxyError::new(reason, "the request head is not valid HTTP/1.1"),
+    };
+    refuse_raw(state, &mut client, rec, &err, "-").await;
 }

@@ -4,6 +4,7 @@
 //! A request takes four hops, and the modules follow them:
 //!
 //! - [`server`]: accept loop, connection limit, graceful shutdown; the shared [`server::Core`].
+//! - [`head`]: the first request head on the bare socket; a CONNECT is served right there.
 //! - [`handler`]: one request: parse the target ([`host`]), ask the [`policy`], then
 //!   [`tunnel`] for CONNECT or [`forward`] for absolute-form HTTP.
 //! - [`tunnel`]: the SNI guard ([`tls`]) on the first bytes, then a zero-copy relay both ways
@@ -25,6 +26,7 @@ pub mod dns;
 pub mod error;
 pub mod forward;
 pub mod handler;
+pub mod head;
 pub mod host;
 pub mod ifaddrs;
 pub mod policy;

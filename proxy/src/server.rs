@@ -1,6 +1,7 @@
 //! The accept loop and the state every connection shares. [`run`] takes a bound listener and
 //! a shutdown token (so tests can bind port 0), limits concurrent connections with a
-//! semaphore, serves each connection with hyper's HTTP/1 server, and on shutdown stops
+//! semaphore, serves a connection that opens with a CONNECT on the bare socket and any other
+//! with hyper's HTTP/1 server, and on shutdown stops
 //! accepting, drains connections and tunnels for a bounded time, then closes what is left.
 
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,6 +24,7 @@ use crate::dns::Dns;
 use crate::error::Reason;
 use crate::forward;
 use crate::handler;
+use crate::head::{self, First, Rewind};
 use crate::policy::{Decision, Policy};
 
 /// What the outbound side needs: the swappable policy, limits, resolver and metrics.
@@ -117,6 +119,7 @@ pub async fn run(
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
+    let builder = Arc::new(builder);
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -151,52 +154,41 @@ pub async fn run(
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let permit = Arc::new(permit);
         let conn_state = state.clone();
-        let service =
-            service_fn(move |req| handler::handle(conn_state.clone(), peer, permit.clone(), req));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let builder = builder.clone();
         let stop = shutdown.clone();
-        let conn_audit = state.clone();
-        let accepted = Instant::now();
         conns.spawn(async move {
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stop.cancelled() => {
-                    // Finish the request in flight, then close instead of keeping alive.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let accepted = Instant::now();
+            let mut stream = stream;
+            let first = tokio::select! {
+                first = head::read_first(&mut stream, &conn_state.core.limits) => first,
+                _ = stop.cancelled() => return,
             };
-            if let Err(e) = result {
-                tracing::debug!(client = %peer, "connection ended: {e}");
-                // hyper answered a malformed or oversized head itself (400/431); the audit
-                // log still gets its line.
-                let reason = if e.is_parse_too_large() {
-                    Some(Reason::HeaderTooLarge)
-                } else if e.is_parse() {
-                    Some(Reason::BadRequest)
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
-                    conn_audit.finish(&Record {
-                        started: accepted,
-                        client: peer,
-                        method: None,
-                        host: String::new(),
-                        port: 0,
-                        resolved: None,
-                        decision: Decision::deny(reason),
-                        sni: None,
-                        bytes_up: 0,
-                        bytes_down: 0,
-                    });
+            match first {
+                // The common case runs here, in this task, on the bare socket.
+                First::Connect { authority, rest } => {
+                    handler::connect_raw(conn_state, peer, stream, authority, rest, accepted).await
+                }
+                First::Malformed(reason) => {
+                    handler::malformed_connect(&conn_state, peer, stream, reason, accepted).await
+                }
+                First::Gone => {}
+                First::Http { read } => {
+                    let io = Rewind::new(read, stream);
+                    serve_http(
+                        conn_state,
+                        &builder,
+                        peer,
+                        Arc::new(permit),
+                        io,
+                        stop,
+                        accepted,
+                    )
+                    .await;
+                    return;
                 }
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -219,4 +211,58 @@ pub async fn run(
     state.tunnel_stop.cancel();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.tunnels.wait()).await;
     Ok(())
+}
+
+/// Serves a connection that did not start with a CONNECT with hyper: plain HTTP requests, and
+/// later CONNECTs on the same keep-alive connection through hyper's upgrade.
+async fn serve_http(
+    state: Arc<State>,
+    builder: &http1::Builder,
+    peer: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    io: Rewind,
+    stop: CancellationToken,
+    accepted: Instant,
+) {
+    let service_state = state.clone();
+    let service =
+        service_fn(move |req| handler::handle(service_state.clone(), peer, permit.clone(), req));
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            // Finish the request in flight, then close instead of keeping alive.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, "connection ended: {e}");
+        // hyper answered a malformed or oversized head itself (400/431); the audit log still
+        // gets its line.
+        let reason = if e.is_parse_too_large() {
+            Some(Reason::HeaderTooLarge)
+        } else if e.is_parse() {
+            Some(Reason::BadRequest)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            state.finish(&Record {
+                started: accepted,
+                client: peer,
+                method: None,
+                host: String::new(),
+                port: 0,
+                resolved: None,
+                decision: Decision::deny(reason),
+                sni: None,
+                bytes_up: 0,
+                bytes_down: 0,
+            });
+        }
+    }
 }

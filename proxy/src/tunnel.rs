@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Record;
 use crate::error::Reason;
+use crate::head::Rewind;
 use crate::host::{Host, Target};
 use crate::policy::Decision;
 use crate::server::State;
@@ -26,36 +27,62 @@ use crate::tls::{read_client_hello, FirstBytes};
 #[cfg(not(target_os = "linux"))]
 const BUF_SIZE: usize = 32 * 1024;
 
-/// Runs one tunnel to completion and records it. `_permit` holds the connection slot.
+/// Runs a tunnel that hyper upgraded (a CONNECT that was not the first request of its
+/// connection) to completion. `_permit` holds the connection slot.
 pub async fn run(
     state: Arc<State>,
     on_upgrade: OnUpgrade,
+    upstream: TcpStream,
+    target: Target,
+    record: Record,
+    allow_opaque: bool,
+    _permit: Arc<OwnedSemaphorePermit>,
+) {
+    let upgraded = match tokio::time::timeout(state.core.limits.header_timeout, on_upgrade).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            tracing::debug!("upgrade failed: {e}");
+            return state.finish(&record);
+        }
+        Err(_) => return state.finish(&record),
+    };
+    let (client, pipelined) = match upgraded.downcast::<TokioIo<Rewind>>() {
+        Ok(parts) => {
+            let (stream, mut unread) = parts.io.into_inner().into_inner();
+            unread.extend_from_slice(&parts.read_buf);
+            (stream, unread)
+        }
+        Err(_) => {
+            tracing::error!("an upgraded connection was not a replayed TCP stream");
+            return state.finish(&record);
+        }
+    };
+    serve(
+        &state,
+        client,
+        pipelined,
+        upstream,
+        target,
+        record,
+        allow_opaque,
+    )
+    .await;
+}
+
+/// Runs one tunnel to completion and records it: the SNI guard on the first bytes (`first`
+/// holds those already read), then the relay.
+pub async fn serve(
+    state: &State,
+    mut client: TcpStream,
+    mut first: Vec<u8>,
     mut upstream: TcpStream,
     target: Target,
     mut record: Record,
     allow_opaque: bool,
-    _permit: Arc<OwnedSemaphorePermit>,
 ) {
     let metrics = &state.core.metrics;
     metrics.active_tunnels.inc();
     let limits = &state.core.limits;
-    let upgraded = match tokio::time::timeout(limits.header_timeout, on_upgrade).await {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => {
-            tracing::debug!("upgrade failed: {e}");
-            return finish(&state, &record);
-        }
-        Err(_) => return finish(&state, &record),
-    };
-    let (mut client, pipelined) = match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
-        Err(_) => {
-            tracing::error!("an upgraded connection was not a TCP stream");
-            return finish(&state, &record);
-        }
-    };
-    let mut first = Vec::with_capacity(pipelined.len().max(4096));
-    first.extend_from_slice(&pipelined);
     let peek = read_client_hello(
         &mut client,
         &mut first,
@@ -75,12 +102,12 @@ pub async fn run(
                         reason: Reason::SniMismatch,
                         ..record.decision
                     };
-                    return finish(&state, &record);
+                    return finish(state, &record);
                 }
             }
             record.sni = sni;
         }
-        Ok(FirstBytes::Closed) => return finish(&state, &record),
+        Ok(FirstBytes::Closed) => return finish(state, &record),
         Ok(FirstBytes::Opaque | FirstBytes::TimedOut | FirstBytes::UpstreamFirst)
             if !allow_opaque =>
         {
@@ -89,18 +116,18 @@ pub async fn run(
                 reason: Reason::OpaqueTunnel,
                 ..record.decision
             };
-            return finish(&state, &record);
+            return finish(state, &record);
         }
         Ok(_) => {}
         Err(e) => {
             tracing::debug!("reading the first tunnel bytes failed: {e}");
-            return finish(&state, &record);
+            return finish(state, &record);
         }
     }
     if !first.is_empty() {
         if let Err(e) = upstream.write_all(&first).await {
             tracing::debug!("writing the first tunnel bytes upstream failed: {e}");
-            return finish(&state, &record);
+            return finish(state, &record);
         }
         record.bytes_up += first.len() as u64;
     }
@@ -114,7 +141,7 @@ pub async fn run(
     .await;
     record.bytes_up += up;
     record.bytes_down += down;
-    finish(&state, &record);
+    finish(state, &record);
 }
 
 fn finish(state: &State, record: &Record) {

@@ -392,13 +392,24 @@ async fn malformed_and_oversized_requests_get_400_and_431_and_the_proxy_keeps_se
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let big_connect = format!(
+        "CONNECT web.test:443 HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20000)
+    );
+    let out = raw(proxy.addr, big_connect.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 431"), "{out:?}");
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("header_too_large"),
+        "{out}"
+    );
     let ok = format!(
         "GET http://web.test:{}/still HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
         web.port()
     );
     let out = raw(proxy.addr, ok.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    let lines = audit_lines(&audit, 5);
+    let lines = audit_lines(&audit, 6);
     let reasons: Vec<&str> = lines
         .iter()
         .map(|l| l["reason"].as_str().unwrap())
@@ -1521,4 +1532,50 @@ async fn the_library_serves_a_listener_the_caller_bound() {
         .expect("run returns after shutdown")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_after_a_plain_request_on_the_same_connection_is_tunnelled_too() {
+    let web = http_upstream().await;
+    let echo = echo_upstream().await;
+    let web_allow = format!("web.test:{}", web.port());
+    let echo_allow = format!("echo.test:{}", echo.port());
+    let mut pins = loopback_pin("web.test");
+    pins.extend(["--resolve".to_owned(), "echo.test=127.0.0.1".to_owned()]);
+    let proxy = start(
+        &[
+            "--allow",
+            &web_allow,
+            "--allow",
+            &echo_allow,
+            "--allow-opaque",
+        ],
+        &pins,
+    );
+    let mut s = connect(proxy.addr).await;
+    let get = format!("GET http://{web_allow}/first HTTP/1.1\r\nHost: web.test\r\n\r\n");
+    send(&mut s, get.as_bytes()).await;
+    let response = read_response(&mut s).await;
+    assert!(response.contains("upstream saw GET /first"), "{response}");
+    // The CONNECT and the first tunnel bytes in one write, on the kept-alive connection.
+    send(
+        &mut s,
+        format!("CONNECT {echo_allow} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !got.ends_with(b"ping") {
+        let n = tokio::time::timeout(T, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 }

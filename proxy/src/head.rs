@@ -1,0 +1,148 @@
+//! The first request head of a connection, read on the bare socket. A CONNECT (what almost
+//! every client connection of a sandbox is) is then served entirely in the connection's own
+//! task, without hyper, an upgrade hand-off or a second task; anything else goes to hyper with
+//! the bytes already read replayed in front ([`Rewind`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::Limits;
+use crate::error::Reason;
+
+/// The most headers a CONNECT head may carry.
+const MAX_HEADERS: usize = 64;
+
+/// What the first bytes of a connection are.
+pub enum First {
+    /// A complete CONNECT head for `authority`; `rest` holds the bytes behind it.
+    Connect { authority: String, rest: Vec<u8> },
+    /// Not a CONNECT: hyper serves it, starting with `read`.
+    Http { read: Vec<u8> },
+    /// A CONNECT head that is malformed or too large.
+    Malformed(Reason),
+    /// The client closed, failed or timed out before a complete CONNECT head.
+    Gone,
+}
+
+/// Reads until the connection is known not to start with a CONNECT, or its CONNECT head is
+/// complete. Bounded by the header timeout and the header size limit.
+pub async fn read_first(stream: &mut TcpStream, limits: &Limits) -> First {
+    const CONNECT: &[u8] = b"CONNECT ";
+    let deadline = tokio::time::Instant::now() + limits.header_timeout;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        let prefix = buf.len().min(CONNECT.len());
+        if buf[..prefix] != CONNECT[..prefix] {
+            return First::Http { read: buf };
+        }
+        if buf.len() >= CONNECT.len() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let authority = req.path.unwrap_or("").to_owned();
+                    let rest = buf.split_off(len);
+                    return First::Connect { authority, rest };
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => {
+                    return First::Malformed(Reason::HeaderTooLarge)
+                }
+                Err(_) => return First::Malformed(Reason::BadRequest),
+            }
+        }
+        if buf.len() >= limits.max_header_bytes {
+            return First::Malformed(Reason::HeaderTooLarge);
+        }
+        buf.reserve(4096);
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => {
+                return if buf.is_empty() || buf.starts_with(CONNECT) {
+                    First::Gone
+                } else {
+                    First::Http { read: buf }
+                };
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// A TCP stream with bytes already read replayed in front of it.
+pub struct Rewind {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(prefix: Vec<u8>, inner: TcpStream) -> Rewind {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+
+    /// The stream and the replayed bytes nobody read yet.
+    pub fn into_inner(self) -> (TcpStream, Vec<u8>) {
+        let rest = self.prefix[self.pos..].to_vec();
+        (self.inner, rest)
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.pos);
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                // Replayed completely: give the memory back.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -152,7 +152,8 @@ pub trait Backend: Send + Sync {
     async fn proxy_config(&self, name: &SessionName) -> Result<String>;
 
     /// Replaces the proxy's configuration file and makes the running proxy reload it in place
-    /// (no restart of the proxy or the agent; open connections survive).
+    /// (no restart of the proxy or the agent; open connections survive). A configuration the
+    /// proxy would refuse (unknown group, bad pattern) is an error and changes nothing.
     async fn update_proxy_config(&self, name: &SessionName, toml: &str) -> Result<()>;
 
     /// The proxy's audit log: JSON lines as paude-proxy wrote them to stdout, oldest first.

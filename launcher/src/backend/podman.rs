@@ -38,7 +38,7 @@ use super::{Backend, ExecOutput, Progress, SessionInfo, SessionState};
 use crate::cli::{BackendKind, Global};
 use crate::images::ImagePlan;
 use crate::plan::{
-    labels, InjectedFile, Plan, ProxyConfig, Role, AGENT_HOME, PROXY_CONFIG_PATH, PROXY_PORT,
+    self, labels, InjectedFile, Plan, ProxyConfig, Role, AGENT_HOME, PROXY_CONFIG_PATH, PROXY_PORT,
     PROXY_UID, WORKSPACE_DIR,
 };
 use crate::spec::SessionName;
@@ -54,6 +54,8 @@ const API_TIMEOUT_SECS: u64 = 900;
 const BUILD_LOG_TAIL: usize = 25;
 /// Memory limit of the proxy container.
 const PROXY_MEMORY: i64 = 512 << 20;
+/// Where a new proxy configuration is checked before it replaces the one in force.
+const PROXY_CANDIDATE_PATH: &str = "/etc/paude-proxy/candidate.toml";
 /// Process limit of the proxy container.
 const PROXY_PIDS: i64 = 256;
 
@@ -928,6 +930,21 @@ impl Podman {
         tty: bool,
     ) -> Result<(String, StartExecResults)> {
         let container = self.running_agent(name).await?;
+        let user = format!("{}:{}", plan::AGENT_UID, plan::AGENT_GID);
+        self.exec_in(&container, &user, Some(WORKSPACE_DIR), argv, stdin, tty)
+            .await
+    }
+
+    /// Runs a command in a running container as `user`, attached as asked.
+    async fn exec_in(
+        &self,
+        container: &str,
+        user: &str,
+        workdir: Option<&str>,
+        argv: &[String],
+        stdin: bool,
+        tty: bool,
+    ) -> Result<(String, StartExecResults)> {
         let docker = self.docker().await?;
         let mut env = vec![];
         if tty {
@@ -938,15 +955,15 @@ impl Podman {
         }
         let exec = docker
             .create_exec(
-                &container,
+                container,
                 ExecConfig {
                     attach_stdin: Some(stdin),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     tty: Some(tty),
                     cmd: Some(argv.to_vec()),
-                    user: Some("1000:1000".to_owned()),
-                    working_dir: Some(WORKSPACE_DIR.to_owned()),
+                    user: Some(user.to_owned()),
+                    working_dir: workdir.map(str::to_owned),
                     env: Some(env),
                     ..Default::default()
                 },
@@ -965,6 +982,29 @@ impl Podman {
             .await
             .with_context(|| format!("cannot run a command in {container}"))?;
         Ok((exec.id, started))
+    }
+
+    /// Collects the output of an attached exec and its exit code.
+    async fn collect(&self, exec_id: &str, started: StartExecResults) -> Result<ExecOutput> {
+        let StartExecResults::Attached { mut output, .. } = started else {
+            bail!("the engine did not attach to the command's streams");
+        };
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        while let Some(chunk) = output.next().await {
+            match chunk.context("the connection to the container broke")? {
+                LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                    stdout.extend_from_slice(&message)
+                }
+                LogOutput::StdErr { message } => stderr.extend_from_slice(&message),
+                LogOutput::StdIn { .. } => {}
+            }
+        }
+        Ok(ExecOutput {
+            code: self.exit_code(exec_id).await?,
+            stdout,
+            stderr,
+        })
     }
 
     /// The exit code of a finished exec.
@@ -1260,25 +1300,7 @@ impl Backend for Podman {
 
     async fn exec_capture(&self, name: &SessionName, argv: &[String]) -> Result<ExecOutput> {
         let (exec_id, started) = self.exec(name, argv, false, false).await?;
-        let StartExecResults::Attached { mut output, .. } = started else {
-            bail!("the engine did not attach to the command's streams");
-        };
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        while let Some(chunk) = output.next().await {
-            match chunk.context("the connection to the agent container broke")? {
-                LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                    stdout.extend_from_slice(&message)
-                }
-                LogOutput::StdErr { message } => stderr.extend_from_slice(&message),
-                LogOutput::StdIn { .. } => {}
-            }
-        }
-        Ok(ExecOutput {
-            code: self.exit_code(&exec_id).await?,
-            stdout,
-            stderr,
-        })
+        self.collect(&exec_id, started).await
     }
 
     async fn proxy_config(&self, name: &SessionName) -> Result<String> {
@@ -1290,6 +1312,34 @@ impl Backend for Podman {
         let found = self.find(name).await?;
         let running = found.proxy.as_ref().is_some_and(is_running);
         let container = self.proxy_container(name).await?;
+        if running {
+            // The proxy itself checks the candidate first, so a configuration it would refuse
+            // never replaces the one in force.
+            self.upload(
+                &container,
+                &[(PROXY_CANDIDATE_PATH, toml.as_bytes(), 0o644)],
+            )
+            .await?;
+            let argv: Vec<String> = [
+                "/usr/local/bin/paude-proxy",
+                "--check",
+                "--config",
+                PROXY_CANDIDATE_PATH,
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            let user = format!("{PROXY_UID}:{PROXY_UID}");
+            let (exec_id, started) = self
+                .exec_in(&container, &user, None, &argv, false, false)
+                .await?;
+            let out = self.collect(&exec_id, started).await?;
+            if out.code != 0 {
+                bail!(
+                    "the proxy refused the new allowlist, nothing was changed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         self.upload(&container, &[(PROXY_CONFIG_PATH, toml.as_bytes(), 0o644)])
             .await?;
         if running {

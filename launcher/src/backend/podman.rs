@@ -1460,6 +1460,55 @@ mod tests {
     }
 
     #[test]
+    fn dry_run_names_every_object_and_hides_secrets() {
+        use crate::cli::CreateArgs;
+        use crate::images::{Customisation, ImageInputs};
+        use crate::spec::{HostContext, SessionSpec};
+        let args = CreateArgs {
+            name: Some("demo".into()),
+            agent: "claude".into(),
+            memory: "4g".into(),
+            pids_limit: 512,
+            base_image: "localhost/base".into(),
+            pvc_size: "10Gi".into(),
+            git: true,
+            ..CreateArgs::default()
+        };
+        let mut host = HostContext {
+            cwd: "/src/demo".into(),
+            ..HostContext::default()
+        };
+        host.env
+            .insert("ANTHROPIC_API_KEY".into(), "sk-secret-value".into());
+        let spec = SessionSpec::from_args(&args, BackendKind::Podman, host).unwrap();
+        let inputs = ImageInputs {
+            proxy_binary: std::sync::Arc::new(b"bin".to_vec()),
+            proxy_is_static: true,
+            ca_bundle: None,
+        };
+        let plan = Plan::new(&spec, &inputs, &Customisation::default());
+        let text = render_plan(&plan);
+        for needle in [
+            "network paude-demo-internal (internal",
+            "network paude-demo-egress",
+            "volume paude-demo-data",
+            "container paude-demo-proxy",
+            "container paude-demo-agent",
+            "image localhost/paude-proxy:",
+            "image localhost/paude-agent-claude:",
+            "from:    scratch",
+            "allow = [\"default\", \"claude\"]",
+            "HTTPS_PROXY=http://PROXY_IP:3128",
+            "ANTHROPIC_API_KEY=(from the host)",
+            "limits:    memory 4096 MiB, cpus unlimited, pids 512",
+            "git remote paude-demo",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(!text.contains("sk-secret-value"));
+    }
+
+    #[test]
     fn label_filter() {
         let name = SessionName::parse("demo").unwrap();
         assert_eq!(session_filter(Some(&name))["label"], ["paude.session=demo"]);

@@ -209,7 +209,11 @@ pub async fn run(
         tracing::warn!("drain period over: closing the remaining connections and tunnels");
     }
     state.tunnel_stop.cancel();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.tunnels.wait()).await;
+    // Tunnels run in connection tasks (a first CONNECT) or in tracked tasks (a later one).
+    let closed = async {
+        tokio::join!(conns.wait(), state.tunnels.wait());
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closed).await;
     Ok(())
 }
 

@@ -475,3 +475,40 @@ async fn git_bridge_pipes_bytes_through_the_api_exec_and_returns_the_exit_code()
         .await;
     assert_eq!(failed.status.code(), Some(5), "{}", stderr(&failed));
 }
+
+#[tokio::test]
+async fn dry_run_needs_no_kubeconfig_when_the_namespace_is_given() {
+    let api = FakeApi::start(&[NS], true).await;
+    let env = Env::new(&api);
+    std::fs::remove_file(env.path("kubeconfig")).unwrap();
+    let args = [
+        "create",
+        "demo",
+        "--agent",
+        "shell",
+        "--backend",
+        "openshift",
+        "--dry-run",
+    ];
+    let output = env
+        .run(&[&args[..], &["--namespace", "team"]].concat())
+        .await;
+    assert_ok(&output);
+    check_golden("openshift-dry-run.yaml", &without_hashes(&stdout(&output)));
+
+    let output = env.run(&args).await;
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("add --namespace") && err.contains("kubeconfig"),
+        "{err}"
+    );
+
+    let output = env.run(&["list", "--backend", "openshift"]).await;
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("cannot read a kubeconfig"),
+        "{}",
+        stderr(&output)
+    );
+}

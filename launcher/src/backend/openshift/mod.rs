@@ -42,14 +42,37 @@ const POLL: Duration = Duration::from_secs(2);
 
 /// A cluster from the kubeconfig, and the namespace sessions live in.
 pub struct OpenShiftBackend {
-    client: Client,
+    /// The client, or why there is none (a dry run without a kubeconfig).
+    client: std::result::Result<Client, String>,
     namespace: String,
 }
 
 impl OpenShiftBackend {
     /// Reads the kubeconfig (honouring `KUBECONFIG`, `--context` and `--namespace`). Contacts
     /// no cluster: a dry run works offline.
+    ///
+    /// A dry run also works without any kubeconfig when `--namespace` names the namespace.
     pub async fn open(global: &Global) -> Result<Self> {
+        match Self::connect(global).await {
+            Ok((client, namespace)) => Ok(OpenShiftBackend {
+                client: Ok(client),
+                namespace: global.namespace.clone().unwrap_or(namespace),
+            }),
+            Err(err) if global.dry_run => match &global.namespace {
+                Some(namespace) => Ok(OpenShiftBackend {
+                    client: Err(format!("{err:#}")),
+                    namespace: namespace.clone(),
+                }),
+                None => Err(err.context(
+                    "without a usable kubeconfig, a dry run needs the namespace: add --namespace",
+                )),
+            },
+            Err(err) => Err(err),
+        }
+    }
+
+    /// A client for the kubeconfig's context and that context's namespace.
+    async fn connect(global: &Global) -> Result<(Client, String)> {
         let options = KubeConfigOptions {
             context: global.context.clone(),
             ..KubeConfigOptions::default()
@@ -61,12 +84,14 @@ impl OpenShiftBackend {
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
             .await
             .context("cannot use the kubeconfig's context: check --context and your login")?;
-        let namespace = global
-            .namespace
-            .clone()
-            .unwrap_or_else(|| config.default_namespace.clone());
+        let namespace = config.default_namespace.clone();
         let client = Client::try_from(config).context("cannot set up the cluster client")?;
-        Ok(OpenShiftBackend { client, namespace })
+        Ok((client, namespace))
+    }
+
+    /// The cluster client; only a dry run without a kubeconfig has none.
+    fn client(&self) -> Result<&Client> {
+        self.client.as_ref().map_err(|err| anyhow::anyhow!("{err}"))
     }
 
     /// The session's cluster description, from the plan: nothing here is decided again.
@@ -205,7 +230,7 @@ fn state_of(row: &api::SessionRow) -> SessionState {
 impl OpenShiftBackend {
     async fn info(&self, row: api::SessionRow) -> Result<SessionInfo> {
         let name = SessionName::parse(&row.name)?;
-        let allowlist = match api::proxy_config(&self.client, &self.namespace, &row.name).await {
+        let allowlist = match api::proxy_config(self.client()?, &self.namespace, &row.name).await {
             Ok(toml) => ProxyConfig::from_toml(&toml)?.allow,
             Err(_) => Vec::new(),
         };
@@ -246,8 +271,8 @@ impl Backend for OpenShiftBackend {
 
     async fn ensure_images(&self, plan: &Plan, progress: Progress) -> Result<()> {
         let session = self.session(plan)?;
-        api::ensure_namespace(&self.client, &self.namespace).await?;
-        let cluster = api::detect_flavor(&self.client).await?;
+        api::ensure_namespace(self.client()?, &self.namespace).await?;
+        let cluster = api::detect_flavor(self.client()?).await?;
         match (session.flavor, cluster) {
             (Flavor::OpenShift, Flavor::Kubernetes) => bail!(
                 "this cluster has no OpenShift build API: push the images to a registry the \
@@ -263,20 +288,21 @@ impl Backend for OpenShiftBackend {
             (Flavor::OpenShift, Flavor::OpenShift) => {}
         }
         let m = session.manifests(DRY_RUN_PROXY_HOST);
-        api::apply_build_objects(&self.client, &self.namespace, &m).await?;
+        api::apply_build_objects(self.client()?, &self.namespace, &m).await?;
         for (image, built) in [
             (&plan.proxy_image, &session.proxy_image),
             (&plan.agent_image, &session.agent_image),
         ] {
             let exists =
-                api::image_exists(&self.client, &self.namespace, &built.stream, &built.tag).await?;
+                api::image_exists(self.client()?, &self.namespace, &built.stream, &built.tag)
+                    .await?;
             if exists && !plan.rebuild {
                 progress.detail(format!("image {} is up to date", built.pull));
                 continue;
             }
             progress.step(format!("building image {} on the cluster", built.pull));
             api::build_image(
-                &self.client,
+                self.client()?,
                 &self.namespace,
                 &built.stream,
                 context_tar(image)?,
@@ -300,10 +326,10 @@ impl Backend for OpenShiftBackend {
             build_timeout: BUILD_TIMEOUT,
         };
         // Images were made by ensure_images; create applies the session's objects.
-        api::create(&self.client, &session, &[], false, waits).await?;
+        api::create(self.client()?, &session, &[], false, waits).await?;
         progress.step("waiting for the agent pod to be ready");
         api::wait_ready(
-            &self.client,
+            self.client()?,
             &self.namespace,
             &session.name,
             POLL,
@@ -313,9 +339,9 @@ impl Backend for OpenShiftBackend {
     }
 
     async fn start(&self, name: &SessionName) -> Result<()> {
-        api::scale(&self.client, &self.namespace, &name.to_string(), 1).await?;
+        api::scale(self.client()?, &self.namespace, &name.to_string(), 1).await?;
         api::wait_ready(
-            &self.client,
+            self.client()?,
             &self.namespace,
             &name.to_string(),
             POLL,
@@ -325,7 +351,7 @@ impl Backend for OpenShiftBackend {
     }
 
     async fn stop(&self, name: &SessionName) -> Result<()> {
-        api::scale(&self.client, &self.namespace, &name.to_string(), 0).await
+        api::scale(self.client()?, &self.namespace, &name.to_string(), 0).await
     }
 
     async fn delete(&self, name: &SessionName, progress: Progress) -> Result<()> {
@@ -333,20 +359,26 @@ impl Backend for OpenShiftBackend {
             "deleting every object of session {name} in namespace {}",
             self.namespace
         ));
-        let openshift = api::detect_flavor(&self.client).await? == Flavor::OpenShift;
-        api::delete(&self.client, &self.namespace, &name.to_string(), openshift).await
+        let openshift = api::detect_flavor(self.client()?).await? == Flavor::OpenShift;
+        api::delete(
+            self.client()?,
+            &self.namespace,
+            &name.to_string(),
+            openshift,
+        )
+        .await
     }
 
     async fn list(&self) -> Result<Vec<SessionInfo>> {
         let mut sessions = Vec::new();
-        for row in api::list(&self.client, &self.namespace).await? {
+        for row in api::list(self.client()?, &self.namespace).await? {
             sessions.push(self.info(row).await?);
         }
         Ok(sessions)
     }
 
     async fn status(&self, name: &SessionName) -> Result<SessionInfo> {
-        let row = api::status(&self.client, &self.namespace, &name.to_string()).await?;
+        let row = api::status(self.client()?, &self.namespace, &name.to_string()).await?;
         self.info(row).await
     }
 
@@ -356,7 +388,7 @@ impl Backend for OpenShiftBackend {
             "attach".to_string(),
         ];
         exec::interactive(
-            &self.client,
+            self.client()?,
             &self.namespace,
             &self.names(name).agent_pod,
             &argv,
@@ -366,7 +398,7 @@ impl Backend for OpenShiftBackend {
 
     async fn exec_piped(&self, name: &SessionName, argv: &[String]) -> Result<i64> {
         exec::piped(
-            &self.client,
+            self.client()?,
             &self.namespace,
             &self.names(name).agent_pod,
             argv,
@@ -376,7 +408,7 @@ impl Backend for OpenShiftBackend {
 
     async fn exec_capture(&self, name: &SessionName, argv: &[String]) -> Result<ExecOutput> {
         let (code, stdout, stderr) = exec::capture(
-            &self.client,
+            self.client()?,
             &self.namespace,
             &self.names(name).agent_pod,
             argv,
@@ -390,15 +422,15 @@ impl Backend for OpenShiftBackend {
     }
 
     async fn proxy_config(&self, name: &SessionName) -> Result<String> {
-        api::proxy_config(&self.client, &self.namespace, &name.to_string()).await
+        api::proxy_config(self.client()?, &self.namespace, &name.to_string()).await
     }
 
     async fn update_proxy_config(&self, name: &SessionName, toml: &str) -> Result<()> {
-        api::set_proxy_config(&self.client, &self.namespace, &name.to_string(), toml).await
+        api::set_proxy_config(self.client()?, &self.namespace, &name.to_string(), toml).await
     }
 
     async fn proxy_audit_log(&self, name: &SessionName) -> Result<String> {
-        api::proxy_log(&self.client, &self.namespace, &name.to_string()).await
+        api::proxy_log(self.client()?, &self.namespace, &name.to_string()).await
     }
 }
 

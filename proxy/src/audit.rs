@@ -1,13 +1,16 @@
-//! The audit log: one JSON object per line for every connection or request, written by a
-//! background task so request handling never waits on the disk. Each [`Record`] is finished
-//! exactly once, which also feeds the metrics.
+//! The audit log: one JSON object per line for every connection or request, written out by a
+//! background task in batches so request handling never waits on the disk. Each [`Record`] is
+//! finished exactly once, which also feeds the metrics.
 
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::AuditTarget;
 use crate::policy::Decision;
@@ -46,10 +49,27 @@ struct Line<'a> {
     duration_ms: u64,
 }
 
-/// The sending side of the audit log; cheap to clone, a no-op when the log is off.
+/// How often buffered audit lines are written out.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// A buffer this large is written out at once instead of waiting for the next tick.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// Lines waiting to be written, and the writer task's doorbell.
+struct Sink {
+    buf: Mutex<Vec<u8>>,
+    full: Notify,
+    closing: CancellationToken,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The producing side of the audit log; cheap to clone, a no-op when the log is off.
+///
+/// Requests append their line to a shared buffer (an uncontended lock, no task wake-up) and a
+/// writer task writes the buffer out every 100 ms, or at once when it grows large; so the
+/// request path never waits on the disk and never wakes another thread per line.
 #[derive(Clone, Default)]
 pub struct Audit {
-    tx: Option<mpsc::UnboundedSender<String>>,
+    sink: Option<Arc<Sink>>,
 }
 
 impl Audit {
@@ -58,11 +78,14 @@ impl Audit {
         let Some(target) = target else {
             return Ok(Audit::default());
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        match target {
-            AuditTarget::Stdout => {
-                tokio::spawn(write_lines(rx, tokio::io::stdout()));
-            }
+        let sink = Arc::new(Sink {
+            buf: Mutex::new(Vec::with_capacity(FLUSH_AT)),
+            full: Notify::new(),
+            closing: CancellationToken::new(),
+            writer: Mutex::new(None),
+        });
+        let writer = match target {
+            AuditTarget::Stdout => tokio::spawn(write_out(sink.clone(), tokio::io::stdout())),
             AuditTarget::File(path) => {
                 let file = tokio::fs::OpenOptions::new()
                     .create(true)
@@ -72,15 +95,26 @@ impl Audit {
                     .map_err(|e| {
                         anyhow::anyhow!("cannot open the audit log {}: {e}", path.display())
                     })?;
-                tokio::spawn(write_lines(rx, file));
+                tokio::spawn(write_out(sink.clone(), file))
             }
-        }
-        Ok(Audit { tx: Some(tx) })
+        };
+        *lock(&sink.writer) = Some(writer);
+        Ok(Audit { sink: Some(sink) })
     }
 
-    /// Writes one record as a JSON line.
+    /// Writes every line still buffered and stops the writer; called once at shutdown.
+    pub async fn close(&self) {
+        let Some(sink) = &self.sink else { return };
+        sink.closing.cancel();
+        let writer = lock(&sink.writer).take();
+        if let Some(writer) = writer {
+            let _ = writer.await;
+        }
+    }
+
+    /// Appends one record as a JSON line.
     pub fn write(&self, record: &Record) {
-        let Some(tx) = &self.tx else { return };
+        let Some(sink) = &self.sink else { return };
         let line = Line {
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             client: record.client.to_string(),
@@ -101,26 +135,50 @@ impl Audit {
             bytes_down: record.bytes_down,
             duration_ms: record.started.elapsed().as_millis() as u64,
         };
-        match serde_json::to_string(&line) {
-            Ok(mut text) => {
-                text.push('\n');
-                let _ = tx.send(text);
+        let full = {
+            let mut buf = lock(&sink.buf);
+            if let Err(e) = serde_json::to_writer(&mut *buf, &line) {
+                tracing::error!("cannot encode an audit line: {e}");
+                return;
             }
-            Err(e) => tracing::error!("cannot encode an audit line: {e}"),
+            buf.push(b'\n');
+            buf.len() >= FLUSH_AT
+        };
+        if full {
+            sink.full.notify_one();
         }
     }
 }
 
-async fn write_lines(mut rx: mpsc::UnboundedReceiver<String>, out: impl AsyncWrite + Unpin) {
-    let mut out = BufWriter::new(out);
-    while let Some(line) = rx.recv().await {
-        let mut result = out.write_all(line.as_bytes()).await;
-        // Batch whatever is already queued, then flush so a reader sees whole lines promptly.
-        while let (Ok(()), Ok(more)) = (&result, rx.try_recv()) {
-            result = out.write_all(more.as_bytes()).await;
+/// Locks a mutex, recovering the data if a panicking holder poisoned it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn write_out(sink: Arc<Sink>, out: impl AsyncWrite + Unpin) {
+    let mut out = out;
+    let mut pending = Vec::with_capacity(FLUSH_AT);
+    loop {
+        let closing = tokio::select! {
+            _ = tokio::time::sleep(FLUSH_EVERY) => false,
+            _ = sink.full.notified() => false,
+            _ = sink.closing.cancelled() => true,
+        };
+        // Swap buffers under the lock; write outside it.
+        std::mem::swap(&mut *lock(&sink.buf), &mut pending);
+        if !pending.is_empty() {
+            let result = async {
+                out.write_all(&pending).await?;
+                out.flush().await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::error!("cannot write the audit log: {e}");
+            }
+            pending.clear();
         }
-        if let Err(e) = result.and(out.flush().await) {
-            tracing::error!("cannot write the audit log: {e}");
+        if closing {
+            return;
         }
     }
 }

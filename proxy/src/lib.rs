@@ -74,7 +74,7 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
     let dns = Dns::new(&settings.dns_servers, settings.limits.dns_timeout)?;
     let core = Arc::new(Core::new(loaded.policy, settings.limits.clone(), dns, own));
     let audit = Audit::open(settings.audit_log.as_ref()).await?;
-    let state = Arc::new(State::new(core.clone(), audit));
+    let state = Arc::new(State::new(core.clone(), audit.clone()));
     let shutdown = CancellationToken::new();
 
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
@@ -106,5 +106,8 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
         eprintln!("paude-proxy admin listening on {}", admin.local_addr()?);
         tokio::spawn(admin::serve(admin, core.clone(), shutdown.clone()));
     }
-    server::run(listener, state, shutdown).await
+    let served = server::run(listener, state, shutdown).await;
+    // Lines of the last requests are still buffered: write them before exiting.
+    audit.close().await;
+    served
 }

@@ -890,9 +890,19 @@ async fn allow_client_restricts_who_may_use_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
-    let mut proxy = start(&[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut proxy = start(&["--audit-log", audit.to_str().unwrap()], &[]);
+    raw(
+        proxy.addr,
+        b"CONNECT last.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(), Some(0), "{}", proxy.stderr());
+    // The line of the last request was still buffered at SIGTERM; it must be written out.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(text.contains("\"host\":\"last.test\""), "{text:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,9 @@ pub struct Cli {
     /// Ask this DNS server (IP:PORT) instead of the system's resolvers (repeatable)
     #[arg(long, value_name = "ADDR")]
     pub dns_server: Vec<SocketAddr>,
+    /// Runtime worker threads [default: one per CPU]
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
 }
 
 /// Log output format on stderr.
@@ -127,6 +130,7 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     #[serde(default)]
     pub dns_server: Vec<SocketAddr>,
+    pub worker_threads: Option<usize>,
 }
 
 /// Where audit lines go.
@@ -160,6 +164,8 @@ pub struct Settings {
     pub watch_interval: Duration,
     pub limits: Limits,
     pub dns_servers: Vec<SocketAddr>,
+    /// Runtime worker threads; `None` means one per CPU.
+    pub worker_threads: Option<usize>,
     /// The config file, kept so reloads and the watcher can read it again.
     pub config_file: Option<PathBuf>,
 }
@@ -223,6 +229,10 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
         .unwrap_or(65536);
     if max_header_bytes < 8192 {
         bail!("--max-header-bytes {max_header_bytes} is too small; use at least 8192");
+    }
+    let worker_threads = cli.worker_threads.or(file.worker_threads);
+    if worker_threads == Some(0) {
+        bail!("--worker-threads must be at least 1");
     }
     let max_connections = cli.max_connections.or(file.max_connections).unwrap_or(4096);
     if max_connections == 0 {
@@ -309,6 +319,7 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
         } else {
             cli.dns_server.clone()
         },
+        worker_threads,
         config_file: cli.config.clone(),
     })
 }

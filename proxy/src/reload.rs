@@ -38,9 +38,10 @@ impl Reloader {
                     || loaded.settings.limits != last.limits
                     || loaded.settings.admin_listen != last.admin_listen
                     || loaded.settings.audit_log != last.audit_log
-                    || loaded.settings.dns_servers != last.dns_servers;
+                    || loaded.settings.dns_servers != last.dns_servers
+                    || loaded.settings.worker_threads != last.worker_threads;
                 if restart_needed {
-                    tracing::warn!("the listen address, limits, admin, audit or DNS settings changed; restart paude-proxy to apply them");
+                    tracing::warn!("the listen address, limits, admin, audit, DNS or worker settings changed; restart paude-proxy to apply them");
                 }
                 self.core.policy.store(Arc::new(loaded.policy));
                 *last = loaded.settings;

@@ -1589,3 +1589,19 @@ async fn a_connect_after_a_plain_request_on_the_same_connection_is_tunnelled_too
         String::from_utf8_lossy(&got)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_can_be_set_and_zero_is_refused() {
+    let proxy = start(&["--worker-threads", "1"], &[]);
+    let out = raw(
+        proxy.addr,
+        b"CONNECT nope.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"), "{out}");
+    // The main thread waits on the runtime; the one worker does all the work.
+    assert_eq!(proxy.threads(), 2);
+    let (code, _, err) = run_binary(&["--check", "--worker-threads", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--worker-threads must be at least 1"), "{err}");
+}

@@ -121,6 +121,13 @@ impl Proxy {
             .count()
     }
 
+    /// How many threads the proxy process runs.
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .expect("/proc is mounted")
+            .count()
+    }
+
     /// Everything the proxy wrote to stdout so far.
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()

@@ -7,7 +7,8 @@
 //! `added.test`) are pinned to it with `--proxy-resolve`, so no check can reach a real external
 //! address. One session is built and exercised by `a_session_is_isolated_and_keeps_its_work`
 //! (network isolation, allowlist changes, stop/start, git sync, delete); a second, short-lived
-//! session checks `--mount` and a session-owned egress network, to which no request is sent; the
+//! session, made with `run` on a pseudo-terminal, checks attaching and detaching, `connect`,
+//! `--mount` and a session-owned egress network, to which no request is sent; the
 //! other tests are quick and create nothing. The tests share Podman and run one at a time.
 //!
 //! Needs Podman, runc, debootstrap and git (`.ci/run` installs them) and the paude-proxy binary
@@ -24,7 +25,7 @@ use tokio::sync::Mutex;
 
 use support::{
     inspect, paude_images, podman_ok, run, session_objects, ApiService, Checks, Output,
-    SessionGuard, Upstream, ADDED_HOST, ALLOWED_HOST, BASE_IMAGE, DENIED_HOST,
+    SessionGuard, Terminal, Upstream, ADDED_HOST, ALLOWED_HOST, BASE_IMAGE, DENIED_HOST,
 };
 
 /// The tests share one Podman and compare its objects before and after: one at a time.
@@ -36,6 +37,10 @@ const CREATE_LIMIT: Duration = Duration::from_secs(900);
 const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 /// One probe run inside the agent container.
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
+/// What tmux shows in its status line once attached to the agent's session `paude`.
+const TMUX_STATUS: &str = "[paude]";
+/// tmux's default prefix (Ctrl-b) followed by `d`: detach.
+const TMUX_DETACH: &[u8] = b"\x02d";
 
 /// The real paude-launch binary, run with the suite's Podman configuration.
 struct Launcher {
@@ -1030,7 +1035,7 @@ async fn a_session_is_isolated_and_keeps_its_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mounted_session_with_its_own_egress_network_is_removed_completely() {
+async fn run_attaches_and_a_mounted_session_with_its_own_egress_network_is_removed() {
     let _podman = PODMAN.lock().await;
     let mut checks = Checks::default();
     let result = async {
@@ -1043,13 +1048,57 @@ async fn a_mounted_session_with_its_own_egress_network_is_removed_completely() {
         std::fs::write(dir.path().join("host.txt"), "written on the host\n")?;
         let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
         let mut args = base_create_args(&name);
+        // `run`, the quick start's one command: create, start and attach.
+        args[0] = "run".into();
         args.extend([
             "--mount".into(),
             "--allowed-domains".into(),
             ALLOWED_HOST.into(),
         ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        launcher.ok(&args, CREATE_LIMIT).await?;
+        let bin = Path::new(env!("CARGO_BIN_EXE_paude-launch"));
+        let mut terminal = Terminal::spawn(launcher.command("script"), bin, &args)?;
+        terminal.expect(TMUX_STATUS, CREATE_LIMIT).await?;
+        checks.record(
+            "run creates the session and lands in the agent's tmux; detaching keeps it",
+            async {
+                terminal.send(b"echo marker-$((6*7))\r").await?;
+                terminal.expect("marker-42", PROBE_LIMIT).await?;
+                // Wait for the prompt and pause like a person before the detach keys: keys
+                // typed while tmux is still redrawing the command's output can reach the shell.
+                terminal.expect("$ ", PROBE_LIMIT).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                terminal.send(TMUX_DETACH).await?;
+                terminal.expect("[detached", PROBE_LIMIT).await?;
+                let code = terminal.wait(PROBE_LIMIT).await?;
+                ensure!(code == Some(0), "run exited with {code:?} after detaching");
+                ensure!(
+                    Session::is_running(&format!("paude-{name}-agent")).await?,
+                    "the agent stopped when the terminal detached"
+                );
+                Ok(())
+            }
+            .await,
+        );
+        checks.record(
+            "connect re-attaches to the same tmux session",
+            async {
+                let mut terminal =
+                    Terminal::spawn(launcher.command("script"), bin, &["connect", &name])?;
+                // The shell's earlier output is still on the redrawn screen.
+                terminal.expect("marker-42", PROBE_LIMIT).await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                terminal.send(TMUX_DETACH).await?;
+                terminal.expect("[detached", PROBE_LIMIT).await?;
+                let code = terminal.wait(PROBE_LIMIT).await?;
+                ensure!(
+                    code == Some(0),
+                    "connect exited with {code:?} after detaching"
+                );
+                Ok(())
+            }
+            .await,
+        );
         let agent = format!("paude-{name}-agent");
         let proxy = format!("paude-{name}-proxy");
         let egress = format!("paude-{name}-egress");

@@ -121,7 +121,7 @@ pub fn require_tools(tools: &[&str]) -> Result<()> {
         .collect();
     ensure!(
         missing.is_empty(),
-        "{} not found on PATH: install with `apt-get install -y podman runc debootstrap git` \
+        "{} not found on PATH: install with `apt-get install -y podman runc debootstrap git bsdutils` \
          (the list .ci/run installs)",
         missing.join(", ")
     );
@@ -258,7 +258,7 @@ fn blocking_cleanup(script: &str) {
 
 /// Makes the local base image (idempotent) and builds the upstream image (cached layers).
 pub async fn prepare_images() -> Result<()> {
-    require_tools(&["podman", "runc", "debootstrap", "git", "tar"])?;
+    require_tools(&["podman", "runc", "debootstrap", "git", "tar", "script"])?;
     let script = repo_root().join("tests/podman/make-base-image.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(&script)
@@ -463,4 +463,93 @@ impl Checks {
             self.failures.join("\n- ")
         );
     }
+}
+
+/// An interactive command on a pseudo-terminal (util-linux `script`), typed into and read from
+/// like a person would: for `run` and `connect`, which attach to the agent's tmux.
+pub struct Terminal {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    seen: Vec<u8>,
+}
+
+impl Terminal {
+    /// Starts `program args...` under `script`, with `base`'s environment and directory.
+    pub fn spawn(mut base: Command, program: &Path, args: &[&str]) -> Result<Terminal> {
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let line = std::iter::once(quote(&program.to_string_lossy()))
+            .chain(args.iter().map(|a| quote(a)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        base.args(["-qfec", &line, "/dev/null"])
+            .kill_on_drop(true)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = base.spawn().context("cannot start script (util-linux)")?;
+        let stdin = child.stdin.take().context("stdin was not piped")?;
+        let stdout = child.stdout.take().context("stdout was not piped")?;
+        Ok(Terminal {
+            child,
+            stdin,
+            stdout,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads the terminal until `needle` appears in what was printed since the last match.
+    pub async fn expect(&mut self, needle: &str, limit: Duration) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(at) = find(&self.seen, needle.as_bytes()) {
+                self.seen.drain(..at + needle.len());
+                return Ok(());
+            }
+            let read = tokio::time::timeout_at(deadline, self.stdout.read(&mut buf))
+                .await
+                .with_context(|| {
+                    format!(
+                        "{needle:?} did not appear within {limit:?}; the terminal showed: {}",
+                        String::from_utf8_lossy(&self.seen)
+                    )
+                })??;
+            ensure!(
+                read > 0,
+                "the terminal closed before {needle:?} appeared: {}",
+                String::from_utf8_lossy(&self.seen)
+            );
+            self.seen.extend_from_slice(&buf[..read]);
+        }
+    }
+
+    /// Types bytes into the terminal.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stdin.write_all(bytes).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    /// Waits for the command to exit and returns its status code.
+    pub async fn wait(mut self, limit: Duration) -> Result<Option<i32>> {
+        use tokio::io::AsyncReadExt;
+        // Keep draining the terminal so the command never blocks on a full pipe.
+        let mut stdout = self.stdout;
+        let drain = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink).await;
+        });
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| format!("the command did not exit within {limit:?}"))??;
+        drain.abort();
+        Ok(status.code())
+    }
+}
+
+/// The first position of `needle` in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }

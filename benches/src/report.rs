@@ -417,3 +417,117 @@ pub fn write_results(path: &Path, report: &str) -> anyhow::Result<()> {
     let text = format!("{report}\n{ANALYSIS_MARKER}{kept}");
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::{render, targets};
+    use crate::driver::{Machine, Plan, Results};
+    use crate::peers::PeerKind::{self, *};
+    use crate::scenarios::{IdleSample, Sample};
+
+    /// A one-second sample of `ops` operations, `bytes` bytes and a constant latency.
+    fn sample(ops: u64, bytes: u64, latency_us: u32) -> Sample {
+        Sample {
+            ops,
+            bytes,
+            elapsed: Duration::from_secs(1),
+            latencies_us: vec![latency_us; ops.min(100) as usize],
+            ..Sample::default()
+        }
+    }
+
+    /// Results where paude-proxy's figures are `paude` and squid's are `squid`, in the order
+    /// (tunnels/s at c=16, p50 µs at c=1, bulk bytes/s, HTTP req/s, KiB per idle tunnel,
+    /// tunnels/s under the flood); direct is fixed.
+    fn results(paude: [f64; 6], squid: [f64; 6]) -> Results {
+        let mut r = Results {
+            plan: Plan::smoke(),
+            machine: Machine {
+                cpus: 2,
+                kernel: "test".into(),
+                nofile_limit: 1024,
+            },
+            versions: [Direct, Paude, Squid]
+                .into_iter()
+                .map(|k| (k, "test".into()))
+                .collect(),
+            tunnel: BTreeMap::new(),
+            bulk: BTreeMap::new(),
+            http: BTreeMap::new(),
+            deny: BTreeMap::new(),
+            flood_baseline: BTreeMap::new(),
+            flood_allowed: BTreeMap::new(),
+            flood_denied: BTreeMap::new(),
+            idle: BTreeMap::new(),
+        };
+        let direct = [10_000.0, 100.0, 1e9, 50_000.0, 0.0, 0.0];
+        for (kind, v) in [(Direct, direct), (Paude, paude), (Squid, squid)] {
+            r.tunnel.insert((16, kind), sample(v[0] as u64, 0, 1));
+            r.tunnel.insert((1, kind), sample(1000, 0, v[1] as u32));
+            r.bulk.insert((1, kind), sample(1, v[2] as u64, 1));
+            r.http.insert(kind, sample(v[3] as u64, 0, 1));
+            if kind != Direct {
+                let kib = (v[4] * 1000.0) as u64;
+                r.idle.insert(
+                    kind,
+                    IdleSample {
+                        requested: 1000,
+                        opened: 1000,
+                        rss_after_kib: kib,
+                        ..Default::default()
+                    },
+                );
+                r.flood_baseline.insert(kind, sample(1000, 0, 1));
+                r.flood_allowed.insert(kind, sample(v[5] as u64, 0, 1));
+                r.flood_denied
+                    .insert(kind, sample(r.plan.flood_per_sec as u64, 0, 1));
+            }
+        }
+        r
+    }
+
+    fn verdicts(r: &Results) -> Vec<Option<bool>> {
+        targets(r).into_iter().map(|t| t.met).collect()
+    }
+
+    #[test]
+    fn every_target_is_met_exactly_at_its_threshold() {
+        // 2.5× squid's rate; +50 µs added against squid's +150; 0.9× direct; 2× squid's
+        // requests; a third of squid's memory; the flood costs exactly 10 %.
+        let r = results(
+            [2500.0, 150.0, 0.9e9, 2000.0, 3.0, 900.0],
+            [1000.0, 250.0, 0.5e9, 1000.0, 9.0, 500.0],
+        );
+        assert_eq!(verdicts(&r), vec![Some(true); 6]);
+    }
+
+    #[test]
+    fn every_target_is_missed_just_past_its_threshold() {
+        let r = results(
+            [2400.0, 160.0, 0.8e9, 1900.0, 3.2, 880.0],
+            [1000.0, 250.0, 0.5e9, 1000.0, 9.0, 500.0],
+        );
+        assert_eq!(verdicts(&r), vec![Some(false); 6]);
+    }
+
+    #[test]
+    fn a_missing_peer_leaves_its_targets_unmeasured_and_the_report_still_renders() {
+        let mut r = results(
+            [2500.0, 150.0, 0.9e9, 2000.0, 3.0, 900.0],
+            [1000.0, 250.0, 0.5e9, 1000.0, 9.0, 500.0],
+        );
+        let squid_only = |k: &PeerKind| *k == Squid;
+        r.tunnel.retain(|(_, k), _| !squid_only(k));
+        r.http.retain(|k, _| !squid_only(k));
+        r.idle.retain(|k, _| !squid_only(k));
+        r.versions.retain(|k, _| !squid_only(k));
+        let v = verdicts(&r);
+        assert_eq!(v[0], None, "tunnel rate needs squid");
+        assert_eq!(v[2], Some(true), "bulk compares with direct only");
+        assert_eq!(v[3], None, "HTTP needs squid");
+        assert!(render(&r, "today").contains("| tunnel rate at concurrency 16 vs squid | — |"));
+    }
+}

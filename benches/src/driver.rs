@@ -18,6 +18,17 @@ use crate::peers::{self, Peer, PeerConfig, PeerKind};
 use crate::scenarios::{self, IdleSample, Sample};
 use crate::servers;
 
+/// The scenarios a run can be limited to (`--only`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Tunnels,
+    Bulk,
+    Http,
+    Denials,
+    Flood,
+    Idle,
+}
+
 /// How much of everything a run does.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -35,9 +46,15 @@ pub struct Plan {
     /// Rounds of the flood comparison, which needs more than the others to see a 10 % change.
     pub flood_rounds: usize,
     pub idle_tunnels: usize,
+    /// The scenarios to run; all when empty.
+    pub only: Vec<Scenario>,
 }
 
 impl Plan {
+    pub fn includes(&self, scenario: Scenario) -> bool {
+        self.only.is_empty() || self.only.contains(&scenario)
+    }
+
     /// The full benchmark: about five minutes on two cores.
     pub fn full() -> Self {
         Plan {
@@ -52,6 +69,7 @@ impl Plan {
             flood_per_sec: 1000,
             flood_rounds: 5,
             idle_tunnels: 10_000,
+            only: Vec::new(),
         }
     }
 
@@ -69,6 +87,7 @@ impl Plan {
             flood_per_sec: 200,
             flood_rounds: 1,
             idle_tunnels: 100,
+            only: Vec::new(),
         }
     }
 }
@@ -205,164 +224,177 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
         .collect();
     let d = plan.duration;
 
-    for &c in &plan.tunnel_concurrency {
+    if plan.includes(Scenario::Tunnels) {
+        for &c in &plan.tunnel_concurrency {
+            for round in 0..plan.rounds {
+                for kind in rotation(&kinds, round) {
+                    let peer = alive(&mut running, kind)?;
+                    let sample =
+                        scenarios::tunnel_rate(peer.route, echo.addr, hello.clone(), c, d).await;
+                    progress(
+                        &format!("tunnels c={c}"),
+                        kind,
+                        round,
+                        &sample,
+                        sample.ops_per_sec(),
+                        "tunnels/s",
+                    );
+                    results
+                        .tunnel
+                        .entry((c, kind))
+                        .or_default()
+                        .add_round(sample);
+                }
+            }
+        }
+    }
+    if plan.includes(Scenario::Bulk) {
+        for &n in &plan.bulk_tunnels {
+            for round in 0..plan.rounds {
+                for kind in rotation(&kinds, round) {
+                    let peer = alive(&mut running, kind)?;
+                    let sample = scenarios::bulk(peer.route, echo.addr, hello.clone(), n, d).await;
+                    progress(
+                        &format!("bulk x{n}"),
+                        kind,
+                        round,
+                        &sample,
+                        sample.gib_per_sec(),
+                        "GiB/s",
+                    );
+                    results.bulk.entry((n, kind)).or_default().add_round(sample);
+                }
+            }
+        }
+    }
+    if plan.includes(Scenario::Http) {
         for round in 0..plan.rounds {
             for kind in rotation(&kinds, round) {
                 let peer = alive(&mut running, kind)?;
                 let sample =
-                    scenarios::tunnel_rate(peer.route, echo.addr, hello.clone(), c, d).await;
+                    scenarios::http(peer.route, origin.addr, plan.http_concurrency, d).await;
+                progress("http", kind, round, &sample, sample.ops_per_sec(), "req/s");
+                results.http.entry(kind).or_default().add_round(sample);
+            }
+        }
+    }
+    if plan.includes(Scenario::Denials) {
+        for round in 0..plan.rounds {
+            for kind in rotation(&proxies, round) {
+                let peer = alive(&mut running, kind)?;
+                let Route::Proxy(addr) = peer.route else {
+                    continue;
+                };
+                let sample = scenarios::denials(addr, plan.deny_concurrency, d).await;
                 progress(
-                    &format!("tunnels c={c}"),
+                    "denials",
                     kind,
                     round,
                     &sample,
                     sample.ops_per_sec(),
-                    "tunnels/s",
+                    "refusals/s",
                 );
-                results
-                    .tunnel
-                    .entry((c, kind))
-                    .or_default()
-                    .add_round(sample);
+                results.deny.entry(kind).or_default().add_round(sample);
             }
         }
     }
-    for &n in &plan.bulk_tunnels {
-        for round in 0..plan.rounds {
-            for kind in rotation(&kinds, round) {
+    if plan.includes(Scenario::Flood) {
+        // Baseline and flood alternate in half-length slices, in the order base, flood, flood,
+        // base, so a machine that speeds up or slows down during the round affects both alike.
+        let half = d / 2;
+        for round in 0..plan.flood_rounds {
+            for kind in rotation(&proxies, round) {
                 let peer = alive(&mut running, kind)?;
-                let sample = scenarios::bulk(peer.route, echo.addr, hello.clone(), n, d).await;
+                let route = peer.route;
+                let c = plan.flood_concurrency;
+                let mut base = Sample::default();
+                let mut allowed = Sample::default();
+                let mut denied = Sample::default();
+                for flooded in [false, true, true, false] {
+                    if flooded {
+                        let (a, f) = scenarios::tunnel_rate_under_flood(
+                            route,
+                            echo.addr,
+                            hello.clone(),
+                            c,
+                            plan.flood_per_sec,
+                            half,
+                        )
+                        .await;
+                        allowed.merge(a);
+                        denied.merge(f);
+                    } else {
+                        base.merge(
+                            scenarios::tunnel_rate(route, echo.addr, hello.clone(), c, half).await,
+                        );
+                    }
+                }
                 progress(
-                    &format!("bulk x{n}"),
+                    "flood baseline",
                     kind,
                     round,
-                    &sample,
-                    sample.gib_per_sec(),
-                    "GiB/s",
+                    &base,
+                    base.ops_per_sec(),
+                    "tunnels/s",
                 );
-                results.bulk.entry((n, kind)).or_default().add_round(sample);
+                progress(
+                    "flood allowed",
+                    kind,
+                    round,
+                    &allowed,
+                    allowed.ops_per_sec(),
+                    "tunnels/s",
+                );
+                progress(
+                    "flood denied",
+                    kind,
+                    round,
+                    &denied,
+                    denied.ops_per_sec(),
+                    "refusals/s",
+                );
+                results
+                    .flood_baseline
+                    .entry(kind)
+                    .or_default()
+                    .add_round(base);
+                results
+                    .flood_allowed
+                    .entry(kind)
+                    .or_default()
+                    .add_round(allowed);
+                results
+                    .flood_denied
+                    .entry(kind)
+                    .or_default()
+                    .add_round(denied);
             }
         }
     }
-    for round in 0..plan.rounds {
-        for kind in rotation(&kinds, round) {
+    if plan.includes(Scenario::Idle) {
+        for kind in proxies {
             let peer = alive(&mut running, kind)?;
-            let sample = scenarios::http(peer.route, origin.addr, plan.http_concurrency, d).await;
-            progress("http", kind, round, &sample, sample.ops_per_sec(), "req/s");
-            results.http.entry(kind).or_default().add_round(sample);
-        }
-    }
-    for round in 0..plan.rounds {
-        for kind in rotation(&proxies, round) {
-            let peer = alive(&mut running, kind)?;
-            let Route::Proxy(addr) = peer.route else {
-                continue;
-            };
-            let sample = scenarios::denials(addr, plan.deny_concurrency, d).await;
-            progress(
-                "denials",
-                kind,
-                round,
-                &sample,
-                sample.ops_per_sec(),
-                "refusals/s",
-            );
-            results.deny.entry(kind).or_default().add_round(sample);
-        }
-    }
-    // Baseline and flood alternate in half-length slices, in the order base, flood, flood,
-    // base, so a machine that speeds up or slows down during the round affects both alike.
-    let half = d / 2;
-    for round in 0..plan.flood_rounds {
-        for kind in rotation(&proxies, round) {
-            let peer = alive(&mut running, kind)?;
+            let pid = peer.pid().context("a proxy peer has no process id")?;
             let route = peer.route;
-            let c = plan.flood_concurrency;
-            let mut base = Sample::default();
-            let mut allowed = Sample::default();
-            let mut denied = Sample::default();
-            for flooded in [false, true, true, false] {
-                if flooded {
-                    let (a, f) = scenarios::tunnel_rate_under_flood(
-                        route,
-                        echo.addr,
-                        hello.clone(),
-                        c,
-                        plan.flood_per_sec,
-                        half,
-                    )
-                    .await;
-                    allowed.merge(a);
-                    denied.merge(f);
-                } else {
-                    base.merge(
-                        scenarios::tunnel_rate(route, echo.addr, hello.clone(), c, half).await,
-                    );
-                }
-            }
-            progress(
-                "flood baseline",
-                kind,
-                round,
-                &base,
-                base.ops_per_sec(),
-                "tunnels/s",
+            let sample =
+                scenarios::idle(route, echo.addr, hello.clone(), plan.idle_tunnels, pid).await?;
+            eprintln!(
+                "bench: idle {:<12} {} of {} tunnels open, rss {} -> {} KiB{}",
+                kind.name(),
+                sample.opened,
+                sample.requested,
+                sample.rss_before_kib,
+                sample.rss_after_kib,
+                sample
+                    .first_error
+                    .as_deref()
+                    .map(|e| format!(" (first error: {e})"))
+                    .unwrap_or_default()
             );
-            progress(
-                "flood allowed",
-                kind,
-                round,
-                &allowed,
-                allowed.ops_per_sec(),
-                "tunnels/s",
-            );
-            progress(
-                "flood denied",
-                kind,
-                round,
-                &denied,
-                denied.ops_per_sec(),
-                "refusals/s",
-            );
-            results
-                .flood_baseline
-                .entry(kind)
-                .or_default()
-                .add_round(base);
-            results
-                .flood_allowed
-                .entry(kind)
-                .or_default()
-                .add_round(allowed);
-            results
-                .flood_denied
-                .entry(kind)
-                .or_default()
-                .add_round(denied);
+            results.idle.insert(kind, sample);
+            // Let the closed tunnels drain before the next peer is measured.
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-    }
-    for kind in proxies {
-        let peer = alive(&mut running, kind)?;
-        let pid = peer.pid().context("a proxy peer has no process id")?;
-        let route = peer.route;
-        let sample =
-            scenarios::idle(route, echo.addr, hello.clone(), plan.idle_tunnels, pid).await?;
-        eprintln!(
-            "bench: idle {:<12} {} of {} tunnels open, rss {} -> {} KiB{}",
-            kind.name(),
-            sample.opened,
-            sample.requested,
-            sample.rss_before_kib,
-            sample.rss_after_kib,
-            sample
-                .first_error
-                .as_deref()
-                .map(|e| format!(" (first error: {e})"))
-                .unwrap_or_default()
-        );
-        results.idle.insert(kind, sample);
-        // Let the closed tunnels drain before the next peer is measured.
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for kind in kinds {
         alive(&mut running, kind)?;
@@ -435,23 +467,38 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
     };
     for kind in results.versions.keys().copied() {
         let name = kind.name();
-        for &c in &results.plan.tunnel_concurrency {
+        let on = |scenario| results.plan.includes(scenario);
+        for &c in results
+            .plan
+            .tunnel_concurrency
+            .iter()
+            .filter(|_| on(Scenario::Tunnels))
+        {
             check(
                 format!("{name} tunnels c={c}"),
                 results.tunnel.get(&(c, kind)),
                 false,
             );
         }
-        for &n in &results.plan.bulk_tunnels {
+        for &n in results
+            .plan
+            .bulk_tunnels
+            .iter()
+            .filter(|_| on(Scenario::Bulk))
+        {
             check(
                 format!("{name} bulk x{n}"),
                 results.bulk.get(&(n, kind)),
                 true,
             );
         }
-        check(format!("{name} http"), results.http.get(&kind), false);
-        if kind != PeerKind::Direct {
+        if on(Scenario::Http) {
+            check(format!("{name} http"), results.http.get(&kind), false);
+        }
+        if kind != PeerKind::Direct && on(Scenario::Denials) {
             check(format!("{name} denials"), results.deny.get(&kind), false);
+        }
+        if kind != PeerKind::Direct && on(Scenario::Flood) {
             check(
                 format!("{name} flood baseline"),
                 results.flood_baseline.get(&kind),
@@ -467,6 +514,8 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
                 results.flood_denied.get(&kind),
                 false,
             );
+        }
+        if kind != PeerKind::Direct && on(Scenario::Idle) {
             match results.idle.get(&kind) {
                 Some(idle) if idle.opened == idle.requested && idle.rss_after_kib > 0 => {}
                 other => idle_problems.push(format!("{name} idle: {other:?}")),

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use paude_benches::driver::{self, Plan, Setup};
+use paude_benches::driver::{self, Plan, Scenario, Setup};
 use paude_benches::peers::PeerKind;
 use paude_benches::report;
 
@@ -51,6 +51,10 @@ struct Common {
     /// Which paths to measure (comma-separated: direct, paude-proxy, squid, tinyproxy).
     #[arg(long, value_delimiter = ',', default_value = "direct,paude-proxy,squid,tinyproxy", value_parser = parse_peer)]
     peers: Vec<PeerKind>,
+    /// Run only these scenarios (comma-separated); a partial run prints its table and does not
+    /// rewrite the results file.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Scenario>,
 }
 
 fn parse_peer(name: &str) -> Result<PeerKind, String> {
@@ -74,8 +78,11 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let (plan, common, out) = match cli.command {
-        Mode::Run { common, out } => (Plan::full(), common, Some(out)),
+    let (mut plan, common, out) = match cli.command {
+        Mode::Run { common, out } => {
+            let out = common.only.is_empty().then_some(out);
+            (Plan::full(), common, out)
+        }
         Mode::Smoke { common } => (Plan::smoke(), common, None),
         Mode::EchoServer => {
             let runtime =
@@ -83,6 +90,8 @@ fn real_main() -> anyhow::Result<()> {
             return runtime.block_on(paude_benches::servers::serve_echo_until_stdin_closes());
         }
     };
+    plan.only = common.only.clone();
+    let plan_is_smoke = plan.name == "smoke";
     let paude_bin = match common.paude_bin {
         Some(path) => path,
         None if common.peers.contains(&PeerKind::Paude) => build_paude()?,
@@ -103,7 +112,8 @@ fn real_main() -> anyhow::Result<()> {
             report::write_results(&path, &text)?;
             eprintln!("paude-benches: wrote {}", path.display());
         }
-        None => driver::check_sane(&results)?,
+        None if plan_is_smoke => driver::check_sane(&results)?,
+        None => eprintln!("paude-benches: partial run (--only): results file left as it was"),
     }
     Ok(())
 }

@@ -52,6 +52,7 @@ struct Launcher {
 
 impl Launcher {
     fn new(docker_host: Option<String>, cwd: &Path) -> Result<Launcher> {
+        support::require_suite_tools()?;
         Ok(Launcher {
             proxy_bin: support::proxy_binary()?,
             docker_host,

@@ -12,6 +12,8 @@ image="${1:-localhost/paude-test-base:bookworm}"
 suite="${PAUDE_TEST_SUITE:-bookworm}"
 mirror="${PAUDE_TEST_MIRROR:-http://deb.debian.org/debian}"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$here/containers.conf}"
+# debootstrap lives in /usr/sbin, which a non-login PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 for tool in podman debootstrap tar; do
   if ! command -v "$tool" >/dev/null 2>&1; then

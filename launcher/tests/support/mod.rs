@@ -113,11 +113,16 @@ pub fn containers_conf() -> PathBuf {
 
 /// Fails with the install command when a tool the suite drives is missing.
 pub fn require_tools(tools: &[&str]) -> Result<()> {
+    // runc and debootstrap live in /usr/sbin, which a non-login PATH may lack; Podman and
+    // make-base-image.sh find them there anyway.
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .collect();
     let missing: Vec<&str> = tools
         .iter()
         .copied()
-        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .filter(|tool| !dirs.iter().any(|dir| dir.join(tool).is_file()))
         .collect();
     ensure!(
         missing.is_empty(),
@@ -126,6 +131,11 @@ pub fn require_tools(tools: &[&str]) -> Result<()> {
         missing.join(", ")
     );
     Ok(())
+}
+
+/// Every tool the suite drives, checked before anything runs.
+pub fn require_suite_tools() -> Result<()> {
+    require_tools(&["podman", "runc", "debootstrap", "git", "tar", "script"])
 }
 
 /// The paude-proxy binary built by the same `cargo test --workspace` run, which sits next to
@@ -258,7 +268,7 @@ fn blocking_cleanup(script: &str) {
 
 /// Makes the local base image (idempotent) and builds the upstream image (cached layers).
 pub async fn prepare_images() -> Result<()> {
-    require_tools(&["podman", "runc", "debootstrap", "git", "tar", "script"])?;
+    require_suite_tools()?;
     let script = repo_root().join("tests/podman/make-base-image.sh");
     let mut cmd = Command::new("bash");
     cmd.arg(&script)

@@ -94,13 +94,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let name = SessionName::parse(&name)?;
             let cwd = std::env::current_dir().context("cannot read the current directory")?;
             if global.dry_run {
-                let url = git::remote_url(&git::bridge_program(), global.backend, &name);
+                let url = git::remote_url(&git::bridge_program(), &global, &name);
                 println!("would add the git remote paude-{name} = {url}");
                 return Ok(0);
             }
             let backend = backend::open(&global).await?;
             backend.status(&name).await?;
-            let remote = git::add_remote(&cwd, global.backend, &name)?;
+            let remote = git::add_remote(&cwd, &global, &name)?;
             println!("added git remote {remote}");
             if push {
                 git::push(&cwd, backend.as_ref(), &name).await?;
@@ -236,7 +236,7 @@ async fn create(global: &Global, args: &CreateArgs, progress: Progress) -> Resul
         print!("{}", backend.render(&plan)?);
         return Ok(plan.name);
     }
-    create_planned(backend.as_ref(), &plan, progress).await?;
+    create_planned(global, backend.as_ref(), &plan, progress).await?;
     println!(
         "session {} is running: attach with `paude-launch connect {}`",
         plan.name, plan.name
@@ -245,7 +245,12 @@ async fn create(global: &Global, args: &CreateArgs, progress: Progress) -> Resul
 }
 
 /// Creates a planned session that must not exist yet, then sets up git when asked.
-async fn create_planned(backend: &dyn Backend, plan: &Plan, progress: Progress) -> Result<()> {
+async fn create_planned(
+    global: &Global,
+    backend: &dyn Backend,
+    plan: &Plan,
+    progress: Progress,
+) -> Result<()> {
     if backend.status(&plan.name).await.is_ok() {
         bail!(
             "session {} already exists: attach with `paude-launch connect {}` or remove it with \
@@ -259,7 +264,7 @@ async fn create_planned(backend: &dyn Backend, plan: &Plan, progress: Progress) 
     backend.create(plan, progress).await?;
     if plan.git {
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
-        let remote = git::add_remote(&cwd, plan.backend, &plan.name)?;
+        let remote = git::add_remote(&cwd, global, &plan.name)?;
         progress.step(format!("pushing the current branch and tags to {remote}"));
         git::push(&cwd, backend, &plan.name).await?;
     }
@@ -291,7 +296,7 @@ async fn run_session(global: &Global, args: &CreateArgs, progress: Progress) -> 
         }
         Err(_) => {
             let plan = plan_session(global, args)?;
-            create_planned(backend.as_ref(), &plan, progress).await?;
+            create_planned(global, backend.as_ref(), &plan, progress).await?;
         }
     }
     connect(backend.as_ref(), &name).await?;

@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::Backend;
-use crate::cli::BackendKind;
+use crate::cli::Global;
 use crate::plan::WORKSPACE;
 use crate::spec::SessionName;
 
@@ -35,12 +35,23 @@ pub fn bridge_program() -> String {
     }
 }
 
-/// The URL of the `paude-NAME` remote.
-pub fn remote_url(program: &str, backend: BackendKind, name: &SessionName) -> String {
+/// The URL of the `paude-NAME` remote. It names the backend and, when the user chose them, the
+/// cluster namespace and kubeconfig context, so that git reaches the same session later from any
+/// shell, whatever the kubeconfig's current context is by then.
+pub fn remote_url(program: &str, global: &Global, name: &SessionName) -> String {
+    let mut cluster = String::new();
+    for (flag, value) in [
+        ("namespace", &global.namespace),
+        ("context", &global.context),
+    ] {
+        if let Some(value) = value {
+            cluster.push_str(&format!(" --{flag} {}", ext_escape(value)));
+        }
+    }
     format!(
-        "ext::{} git-bridge --backend {} {name} -- %S {WORKSPACE}",
+        "ext::{} git-bridge --backend {}{cluster} {name} -- %S {WORKSPACE}",
         ext_escape(program),
-        backend.as_str()
+        global.backend.as_str()
     )
 }
 
@@ -82,10 +93,10 @@ pub fn repo_root(dir: &Path) -> Result<PathBuf> {
 
 /// Adds (or updates) the `paude-NAME` remote in the repository at `dir`, allowing the `ext::`
 /// transport in that repository's own configuration only.
-pub fn add_remote(dir: &Path, backend: BackendKind, name: &SessionName) -> Result<String> {
+pub fn add_remote(dir: &Path, global: &Global, name: &SessionName) -> Result<String> {
     let root = repo_root(dir)?;
     let remote = format!("paude-{name}");
-    let url = remote_url(&bridge_program(), backend, name);
+    let url = remote_url(&bridge_program(), global, name);
     let exists = git(&root, &["remote"])?.lines().any(|r| r == remote);
     if exists {
         git(&root, &["remote", "set-url", &remote, &url])?;
@@ -167,17 +178,45 @@ async fn run_in_session(backend: &dyn Backend, name: &SessionName, script: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::BackendKind;
+
+    fn global(backend: BackendKind) -> Global {
+        Global {
+            backend,
+            dry_run: false,
+            verbose: false,
+            namespace: None,
+            context: None,
+        }
+    }
 
     #[test]
     fn remote_url_uses_the_ext_transport() {
         let name = SessionName::parse("demo").unwrap();
         assert_eq!(
-            remote_url("paude-launch", BackendKind::Podman, &name),
+            remote_url("paude-launch", &global(BackendKind::Podman), &name),
             "ext::paude-launch git-bridge --backend podman demo -- %S /workspace"
         );
         assert_eq!(
-            remote_url("/opt/my tools/paude-launch", BackendKind::Openshift, &name),
+            remote_url(
+                "/opt/my tools/paude-launch",
+                &global(BackendKind::Openshift),
+                &name
+            ),
             "ext::/opt/my% tools/paude-launch git-bridge --backend openshift demo -- %S /workspace"
+        );
+    }
+
+    #[test]
+    fn remote_url_keeps_the_chosen_namespace_and_context() {
+        let name = SessionName::parse("demo").unwrap();
+        let mut g = global(BackendKind::Openshift);
+        g.namespace = Some("team-a".into());
+        g.context = Some("prod cluster".into());
+        assert_eq!(
+            remote_url("paude-launch", &g, &name),
+            "ext::paude-launch git-bridge --backend openshift --namespace team-a \
+             --context prod% cluster demo -- %S /workspace"
         );
     }
 
@@ -187,7 +226,7 @@ mod tests {
         git(dir.path(), &["init", "-q"]).expect("git must be installed: apt-get install git");
         let name = SessionName::parse("demo").unwrap();
         assert_eq!(
-            add_remote(dir.path(), BackendKind::Podman, &name).unwrap(),
+            add_remote(dir.path(), &global(BackendKind::Podman), &name).unwrap(),
             "paude-demo"
         );
         let url = git(dir.path(), &["remote", "get-url", "paude-demo"]).unwrap();
@@ -201,7 +240,7 @@ mod tests {
             "always"
         );
         // Adding again updates instead of failing.
-        add_remote(dir.path(), BackendKind::Podman, &name).unwrap();
+        add_remote(dir.path(), &global(BackendKind::Podman), &name).unwrap();
         assert!(remove_remote(dir.path(), &name).unwrap());
         assert!(!remove_remote(dir.path(), &name).unwrap());
         // A user's own remote of the same name is left alone.

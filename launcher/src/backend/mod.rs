@@ -115,8 +115,11 @@ pub trait Backend: Send + Sync {
     /// Creates every object of the session and starts it: networks or network policies, the
     /// data volume, the proxy (its configuration bound to its address, reachable only by the
     /// agent), then the agent (with [`Plan::agent_env`] for the proxy's address, mounts, files,
-    /// limits and hardening). Errors with "session NAME already exists" when any object labelled
-    /// with the name exists. Images must already exist (see [`Backend::ensure_images`]).
+    /// limits and hardening). Errors with "session NAME already exists" when the session exists: on
+    /// Podman when any object labelled with the name exists (a failed create removes what it
+    /// made, so none is left half-made); on a cluster once the agent StatefulSet exists, while
+    /// objects left by a create that failed half-way are re-applied, which repairs it. Images
+    /// must already exist (see [`Backend::ensure_images`]).
     async fn create(&self, plan: &Plan, progress: Progress) -> Result<()>;
 
     /// Starts a stopped session (proxy first, then agent); a running session is left as is.

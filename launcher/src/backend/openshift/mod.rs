@@ -110,6 +110,14 @@ impl OpenShiftBackend {
                 mount.source.display()
             );
         }
+        if let Some(base) = &plan.base_build {
+            bail!(
+                "the project's devcontainer build ({}) cannot be built on a cluster yet: build \
+                 that image locally, push it to a registry the cluster can pull from, and name \
+                 it in devcontainer.json's `image` (or paude.json's `base`) instead",
+                base.reference()
+            );
+        }
         let registry = plan.cluster.registry.as_deref();
         let flavor = match registry {
             Some(_) => Flavor::Kubernetes,

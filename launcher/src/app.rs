@@ -2,6 +2,7 @@
 //! `Backend` trait. Everything here is backend-neutral; output for people is formatted here.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -310,6 +311,14 @@ async fn connect(backend: &dyn Backend, name: &SessionName) -> Result<()> {
         bail!(
             "session {name} is {}: start it with `paude-launch start {name}`",
             info.state.label()
+        );
+    }
+    // Attaching hands the terminal to tmux; without one there is nothing to attach, and waiting
+    // would hang a script forever.
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        bail!(
+            "cannot attach to session {name}: this is not a terminal; run `paude-launch connect \
+             {name}` from an interactive shell (the session keeps running meanwhile)"
         );
     }
     backend.connect(name).await

@@ -1100,6 +1100,14 @@ async fn run_attaches_and_a_mounted_session_with_its_own_egress_network_is_remov
             }
             .await,
         );
+        checks.record(
+            "connect without a terminal refuses at once instead of hanging",
+            async {
+                let out = launcher.run(&["connect", &name], COMMAND_LIMIT).await?;
+                expect_refusal(&out, &[&name, "not a terminal"])
+            }
+            .await,
+        );
         let agent = format!("paude-{name}-agent");
         let proxy = format!("paude-{name}-proxy");
         let egress = format!("paude-{name}-egress");

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use paude_launch::{app, cli};
+use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -15,15 +16,53 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(app::run(cli));
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = app::run(cli) => result.map(|code| ExitCode::from(u8::try_from(code).unwrap_or(1))),
+            code = interrupted() => Ok(code),
+        }
+    });
     // Reading stdin (attach, git bridge) parks a blocking thread that only returns on the next
     // keystroke; do not wait for it on the way out.
     runtime.shutdown_background();
     match result {
-        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(code) => code,
         Err(e) => {
             eprintln!("paude-launch: error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Waits for SIGINT, SIGTERM or SIGHUP and returns the shell's exit code for it. Returning drops
+/// the verb that was running, and with it everything it started for the duration of the command
+/// (a `podman system service` of its own, its socket directory), which a default signal death
+/// would leave behind. A session's containers are never touched by this.
+async fn interrupted() -> ExitCode {
+    let kinds = [
+        (SignalKind::interrupt(), 130),
+        (SignalKind::terminate(), 143),
+        (SignalKind::hangup(), 129),
+    ];
+    let mut streams = Vec::new();
+    for (kind, code) in kinds {
+        match signal(kind) {
+            Ok(stream) => streams.push((stream, code)),
+            // Without a handler the default action (exit) still applies; nothing to wait for.
+            Err(_) => continue,
+        }
+    }
+    if streams.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = streams.iter_mut().map(|(stream, code)| {
+        let code = *code;
+        Box::pin(async move {
+            stream.recv().await;
+            code
+        })
+    });
+    let (code, _, _) = futures_util::future::select_all(waits).await;
+    eprintln!("paude-launch: interrupted; the session is left as it was");
+    ExitCode::from(code)
 }

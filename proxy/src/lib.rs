@@ -50,12 +50,29 @@ use crate::dns::Dns;
 use crate::reload::Reloader;
 use crate::server::{Core, State};
 
+/// How many accepted-but-unserved connections the kernel may queue on the proxy listener (the
+/// kernel caps it at `net.core.somaxconn`). The 1,024 of tokio's `TcpListener::bind` overflowed
+/// in the benchmark's bursts of 256 simultaneous tunnel setups on two busy cores, turning
+/// queued connections into one-second SYN retransmits.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the proxy listener with [`LISTEN_BACKLOG`] and address reuse (a restarted proxy can bind
+/// again while old connections linger in TIME_WAIT).
+fn bind_proxy_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds the listeners, prints their addresses, serves until SIGTERM or SIGINT, reloads on
 /// SIGHUP and when the watched files change, then drains.
 pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
     let settings = loaded.settings;
-    let listener = TcpListener::bind(settings.listen)
-        .await
+    let listener = bind_proxy_listener(settings.listen)
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let local = listener.local_addr()?;
     let admin = match settings.admin_listen {

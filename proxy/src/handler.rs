@@ -1,6 +1,7 @@
 //! One request: parse the target, ask the policy, then hand over to the tunnel (CONNECT) or
 //! to the forwarder (absolute-form HTTP). A CONNECT that opens a connection is served on the
-//! bare socket ([`connect_raw`]); one later on a keep-alive connection goes through hyper. Refusals become responses through
+//! bare socket ([`connect_raw`]); one later on a keep-alive connection goes through hyper.
+//! Both take the same decision path ([`open_tunnel`]). Refusals become responses through
 //! [`ProxyError::response`] and are recorded once.
 
 use std::convert::Infallible;
@@ -137,30 +138,49 @@ pub fn explain(decision: &Decision, target: &Target, via: Via) -> ProxyError {
     }
 }
 
-async fn connect_tunnel(
-    state: Arc<State>,
+/// A CONNECT that passed the policy and reached its upstream: what either CONNECT path needs to
+/// answer `200` and run the tunnel.
+struct Opened {
+    target: Target,
+    upstream: TcpStream,
+    record: Record,
+    allow_opaque: bool,
+}
+
+/// A CONNECT that was refused: the record to finish, the error to answer with, and the target as
+/// the response names it.
+struct Refused {
+    record: Record,
+    error: ProxyError,
+    shown: String,
+}
+
+/// The one decision path of every CONNECT, whichever way it arrived: parse the target, ask the
+/// policy, then resolve, check and dial the checked address.
+async fn open_tunnel(
+    state: &State,
     peer: SocketAddr,
-    permit: Arc<OwnedSemaphorePermit>,
-    mut req: Request<Incoming>,
+    authority: &str,
     started: Instant,
-) -> Response<Body> {
-    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+) -> Result<Opened, Box<Refused>> {
     let target = match Target::parse(authority, None) {
         Ok(t) => t,
         Err(e) => {
-            let rec = record(
-                started,
-                peer,
-                &Method::CONNECT,
-                authority.to_owned(),
-                0,
-                Decision::deny(Reason::BadRequest),
-            );
-            let err = ProxyError::new(
-                Reason::BadRequest,
-                format!("the CONNECT target is not host:port ({e})"),
-            );
-            return refuse(&state, rec, &err, "CONNECT", authority);
+            return Err(Box::new(Refused {
+                record: record(
+                    started,
+                    peer,
+                    &Method::CONNECT,
+                    authority.to_owned(),
+                    0,
+                    Decision::deny(Reason::BadRequest),
+                ),
+                error: ProxyError::new(
+                    Reason::BadRequest,
+                    format!("the CONNECT target is not host:port ({e})"),
+                ),
+                shown: authority.to_owned(),
+            }))
         }
     };
     let policy = state.core.policy.load_full();
@@ -174,25 +194,56 @@ async fn connect_tunnel(
         decision,
     );
     if !rec.decision.allowed {
-        let err = explain(&rec.decision, &target, Via::Connect);
-        return refuse(&state, rec, &err, "CONNECT", &target.to_string());
+        let error = explain(&rec.decision, &target, Via::Connect);
+        let shown = target.to_string();
+        return Err(Box::new(Refused {
+            record: rec,
+            error,
+            shown,
+        }));
     }
-    let (upstream, addr) = match connect(&state.core, &policy, &target).await {
-        Ok(c) => c,
-        Err(err) => return refuse(&state, rec, &err, "CONNECT", &target.to_string()),
+    match connect(&state.core, &policy, &target).await {
+        Ok((upstream, addr)) => {
+            rec.resolved = Some(addr);
+            Ok(Opened {
+                target,
+                upstream,
+                record: rec,
+                allow_opaque: policy.allow_opaque,
+            })
+        }
+        Err(error) => Err(Box::new(Refused {
+            record: rec,
+            error,
+            shown: target.to_string(),
+        })),
+    }
+}
+
+/// A CONNECT later on a keep-alive connection: hyper answers `200` and hands the upgraded
+/// connection to a tunnel task.
+async fn connect_tunnel(
+    state: Arc<State>,
+    peer: SocketAddr,
+    permit: Arc<OwnedSemaphorePermit>,
+    mut req: Request<Incoming>,
+    started: Instant,
+) -> Response<Body> {
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    let opened = match open_tunnel(&state, peer, authority, started).await {
+        Ok(o) => o,
+        Err(r) => return refuse(&state, r.record, &r.error, "CONNECT", &r.shown),
     };
-    rec.resolved = Some(addr);
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let allow_opaque = policy.allow_opaque;
     let tunnel_state = state.clone();
     state.tunnels.spawn(async move {
         tunnel::run(
             tunnel_state,
             on_upgrade,
-            upstream,
-            target,
-            rec,
-            allow_opaque,
+            opened.upstream,
+            opened.target,
+            opened.record,
+            opened.allow_opaque,
             permit,
         )
         .await;
@@ -245,54 +296,28 @@ pub async fn connect_raw(
     rest: Vec<u8>,
     started: Instant,
 ) {
-    let target = match Target::parse(&authority, None) {
-        Ok(t) => t,
-        Err(e) => {
-            let rec = record(
-                started,
-                peer,
-                &Method::CONNECT,
-                authority.clone(),
-                0,
-                Decision::deny(Reason::BadRequest),
-            );
-            let err = ProxyError::new(
-                Reason::BadRequest,
-                format!("the CONNECT target is not host:port ({e})"),
-            );
-            return refuse_raw(&state, &mut client, rec, &err, &authority).await;
-        }
+    let opened = match open_tunnel(&state, peer, &authority, started).await {
+        Ok(o) => o,
+        Err(r) => return refuse_raw(&state, &mut client, r.record, &r.error, &r.shown).await,
     };
-    let policy = state.core.policy.load_full();
-    let decision = policy.decide(&target, Via::Connect);
-    let mut rec = record(
-        started,
-        peer,
-        &Method::CONNECT,
-        host_text(&target.host),
-        target.port,
-        decision,
-    );
-    if !rec.decision.allowed {
-        let err = explain(&rec.decision, &target, Via::Connect);
-        return refuse_raw(&state, &mut client, rec, &err, &target.to_string()).await;
-    }
-    let (upstream, addr) = match connect(&state.core, &policy, &target).await {
-        Ok(c) => c,
-        Err(err) => return refuse_raw(&state, &mut client, rec, &err, &target.to_string()).await,
-    };
-    rec.resolved = Some(addr);
     let established = tokio::time::timeout(
         state.core.limits.header_timeout,
         client.write_all(b"HTTP/1.1 200 OK\r\n\r\n"),
     )
     .await;
     if !matches!(established, Ok(Ok(()))) {
-        return state.finish(&rec);
+        return state.finish(&opened.record);
     }
-    let allow_opaque = policy.allow_opaque;
-    drop(policy);
-    tunnel::serve(&state, client, rest, upstream, target, rec, allow_opaque).await;
+    tunnel::serve(
+        &state,
+        client,
+        rest,
+        opened.upstream,
+        opened.target,
+        opened.record,
+        opened.allow_opaque,
+    )
+    .await;
 }
 
 /// A CONNECT head that could not be parsed or was too large, answered on the bare socket.

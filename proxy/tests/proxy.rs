@@ -192,6 +192,97 @@ async fn opaque_tunnels_are_refused_unless_allowed() {
     );
 }
 
+/// Reads from `s` until `want` ends what arrived or the proxy closes.
+async fn read_until_end(s: &mut tokio::net::TcpStream, want: &[u8]) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let work = async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.ends_with(want) {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(T, work)
+        .await
+        .expect("the proxy answers or closes");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_head_split_across_writes_keeps_the_bytes_behind_it() {
+    let echo = echo_upstream().await;
+    let allow = format!("echo.test:{}", echo.port());
+    let proxy = start(
+        &["--allow", &allow, "--allow-opaque"],
+        &loopback_pin("echo.test"),
+    );
+    let mut s = connect(proxy.addr).await;
+    let head = format!("CONNECT echo.test:{} HTTP/1.1\r\nHost: echo", echo.port());
+    send(&mut s, head.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&mut s, b".test\r\n\r\nSSH-2.0-split\r\n").await;
+    let out = read_until_end(&mut s, b"SSH-2.0-split\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("\r\n\r\nSSH-2.0-split\r\n"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connect_reads_the_same_first_or_after_a_plain_request() {
+    let web = http_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let proxy = start(
+        &["--allow", &allow, "--audit-log", audit.to_str().unwrap()],
+        &loopback_pin("web.test"),
+    );
+    let refused = b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n";
+    let first = raw(proxy.addr, refused).await;
+    let mut s = connect(proxy.addr).await;
+    let get = format!(
+        "GET http://web.test:{}/ HTTP/1.1\r\nHost: web.test:{}\r\n\r\n",
+        web.port(),
+        web.port()
+    );
+    send(&mut s, get.as_bytes()).await;
+    read_response(&mut s).await;
+    send(&mut s, refused).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut out))
+        .await
+        .expect("the refusal closes the connection")
+        .unwrap();
+    let later = String::from_utf8_lossy(&out).into_owned();
+    for response in [&first, &later] {
+        assert!(
+            response.starts_with("HTTP/1.1 403 Forbidden\r\n"),
+            "{response}"
+        );
+        assert_eq!(header(response, "x-paude-deny"), Some("not_allowed"));
+        assert_eq!(header(response, "connection"), Some("close"));
+    }
+    let body = |r: &str| r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    assert_eq!(body(&first), body(&later));
+    assert!(
+        body(&first).unwrap().contains("--allow evil.test"),
+        "{first}"
+    );
+    let lines = audit_lines(&audit, 3);
+    let denials: Vec<_> = lines
+        .iter()
+        .filter(|l| l["reason"] == "not_allowed")
+        .collect();
+    assert_eq!(denials.len(), 2, "{lines:?}");
+    assert_eq!(denials[0]["host"], denials[1]["host"]);
+    assert_eq!(denials[0]["method"], denials[1]["method"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_host_gets_403_with_the_reason_and_the_flag_that_allows_it() {
     let proxy = start(&["--allow", "pypi"], &[]);

@@ -285,15 +285,7 @@ async fn start_squid(config: &PeerConfig) -> anyhow::Result<Peer> {
         .spawn()
         .with_context(|| format!("cannot start {}", squid.display()))?;
     let version = version_of(&squid, "-v").await;
-    let mut peer = Peer {
-        kind: PeerKind::Squid,
-        route: Route::Proxy(SocketAddr::from(([127, 0, 0, 1], port))),
-        version,
-        child: Some(child),
-        dir: Some(dir),
-    };
-    wait_listening(&mut peer).await?;
-    Ok(peer)
+    proxy_peer(PeerKind::Squid, port, version, child, dir).await
 }
 
 async fn start_tinyproxy(config: &PeerConfig) -> anyhow::Result<Peer> {
@@ -346,8 +338,19 @@ async fn start_tinyproxy(config: &PeerConfig) -> anyhow::Result<Peer> {
         .spawn()
         .context("cannot start tinyproxy in its own mount namespace")?;
     let version = version_of(&tinyproxy, "-v").await;
+    proxy_peer(PeerKind::Tinyproxy, port, version, child, dir).await
+}
+
+/// A proxy peer started on `127.0.0.1:port`, returned once it accepts connections.
+async fn proxy_peer(
+    kind: PeerKind,
+    port: u16,
+    version: String,
+    child: Child,
+    dir: tempfile::TempDir,
+) -> anyhow::Result<Peer> {
     let mut peer = Peer {
-        kind: PeerKind::Tinyproxy,
+        kind,
         route: Route::Proxy(SocketAddr::from(([127, 0, 0, 1], port))),
         version,
         child: Some(child),

@@ -585,27 +585,22 @@ impl Podman {
             "creating networks and volume of session {}",
             plan.name
         ));
-        docker
-            .create_network(NetworkCreateRequest {
-                name: n.internal_network.clone(),
-                driver: Some("bridge".to_owned()),
-                internal: Some(true),
-                labels: Some(label_map(plan.labels_for(Role::InternalNetwork))),
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("cannot create network {}", n.internal_network))?;
+        // The agent's side has no route out (`internal`); the proxy's outbound side does.
+        let mut networks = vec![(&n.internal_network, true, Role::InternalNetwork)];
         if n.owns_egress_network {
+            networks.push((&n.egress_network, false, Role::EgressNetwork));
+        }
+        for (name, internal, role) in networks {
             docker
                 .create_network(NetworkCreateRequest {
-                    name: n.egress_network.clone(),
+                    name: name.clone(),
                     driver: Some("bridge".to_owned()),
-                    internal: Some(false),
-                    labels: Some(label_map(plan.labels_for(Role::EgressNetwork))),
+                    internal: Some(internal),
+                    labels: Some(label_map(plan.labels_for(role))),
                     ..Default::default()
                 })
                 .await
-                .with_context(|| format!("cannot create network {}", n.egress_network))?;
+                .with_context(|| format!("cannot create network {name}"))?;
         }
         let internal = docker
             .inspect_network(&n.internal_network, None)

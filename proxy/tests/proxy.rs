@@ -376,11 +376,7 @@ async fn ip_literals_need_an_explicit_rule() {
         "[::1]:443".to_owned(),
         "93.184.216.34:443".to_owned(),
     ] {
-        let out = raw(
-            proxy.addr,
-            format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-        )
-        .await;
+        let out = raw(proxy.addr, &connect_head(&target, "")).await;
         assert_eq!(
             header(&out, "x-paude-deny"),
             Some("ip_literal"),
@@ -943,11 +939,7 @@ async fn the_proxy_refuses_to_connect_to_itself() {
         "self.test=127.0.0.1",
     ]);
     for target in [&by_name, &listen] {
-        let out = raw(
-            proxy.addr,
-            format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-        )
-        .await;
+        let out = raw(proxy.addr, &connect_head(target, "")).await;
         assert!(out.starts_with("HTTP/1.1 403"), "{out}");
         assert_eq!(header(&out, "x-paude-deny"), Some("proxy_address"), "{out}");
     }
@@ -1098,11 +1090,7 @@ async fn idle_tunnels_are_closed_after_the_idle_timeout() {
         &loopback_pin("echo.test"),
     );
     let mut s = connect(proxy.addr).await;
-    send(
-        &mut s,
-        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
-    )
-    .await;
+    send(&mut s, &connect_head(&target, "ping")).await;
     let started = std::time::Instant::now();
     let mut out = Vec::new();
     tokio::time::timeout(T, s.read_to_end(&mut out))
@@ -1128,11 +1116,7 @@ async fn the_connection_limit_holds_new_clients_until_a_slot_frees() {
         &loopback_pin("echo.test"),
     );
     let mut first = connect(proxy.addr).await;
-    send(
-        &mut first,
-        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nhold").as_bytes(),
-    )
-    .await;
+    send(&mut first, &connect_head(&target, "hold")).await;
     let mut buf = [0u8; 256];
     let n = tokio::time::timeout(T, first.read(&mut buf))
         .await
@@ -1177,11 +1161,7 @@ async fn large_transfers_through_a_tunnel_arrive_intact_and_are_counted() {
         &loopback_pin("echo.test"),
     );
     let mut s = connect(proxy.addr).await;
-    send(
-        &mut s,
-        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
-    )
-    .await;
+    send(&mut s, &connect_head(&target, "")).await;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -1233,11 +1213,7 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
     let mut tunnels = Vec::new();
     for _ in 0..20 {
         let mut s = connect(proxy.addr).await;
-        send(
-            &mut s,
-            format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
-        )
-        .await;
+        send(&mut s, &connect_head(&target, "ping")).await;
         let mut got = Vec::new();
         let mut buf = [0u8; 512];
         while !got.ends_with(b"ping") {
@@ -1571,11 +1547,7 @@ async fn sigterm_closes_open_tunnels_after_the_drain_period() {
         &loopback_pin("echo.test"),
     );
     let mut s = connect(proxy.addr).await;
-    send(
-        &mut s,
-        format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\nping").as_bytes(),
-    )
-    .await;
+    send(&mut s, &connect_head(&target, "ping")).await;
     let mut got = Vec::new();
     let mut buf = [0u8; 512];
     while !got.ends_with(b"ping") {

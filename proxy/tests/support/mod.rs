@@ -411,6 +411,11 @@ pub async fn send(stream: &mut TcpStream, bytes: &[u8]) {
         .expect("the write succeeds");
 }
 
+/// A raw CONNECT head for `target` with `behind` pipelined right after it in the same write.
+pub fn connect_head(target: &str, behind: &str) -> Vec<u8> {
+    format!("CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n{behind}").into_bytes()
+}
+
 /// Sends raw bytes to the proxy and reads until the proxy closes the connection.
 pub async fn raw(proxy: SocketAddr, request: &[u8]) -> String {
     let mut stream = connect(proxy).await;

@@ -86,7 +86,7 @@ pub struct Cli {
     /// Ask this DNS server (IP:PORT) instead of the system's resolvers (repeatable)
     #[arg(long, value_name = "ADDR")]
     pub dns_server: Vec<SocketAddr>,
-    /// Runtime worker threads [default: one per CPU]
+    /// Serving threads, each accepting on its own socket of the listen port [default: one per CPU]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
 }
@@ -164,7 +164,7 @@ pub struct Settings {
     pub watch_interval: Duration,
     pub limits: Limits,
     pub dns_servers: Vec<SocketAddr>,
-    /// Runtime worker threads; `None` means one per CPU.
+    /// Serving threads; `None` means one per CPU.
     pub worker_threads: Option<usize>,
     /// The config file, kept so reloads and the watcher can read it again.
     pub config_file: Option<PathBuf>,

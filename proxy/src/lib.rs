@@ -4,6 +4,8 @@
 //! A request takes four hops, and the modules follow them:
 //!
 //! - [`server`]: accept loop, connection limit, graceful shutdown; the shared [`server::Core`].
+//!   [`start`] runs one accept loop per serving thread, each on its own current-thread runtime
+//!   and its own `SO_REUSEPORT` listener, so a connection never changes thread.
 //! - [`head`]: the first request head on the bare socket; a CONNECT is served right there.
 //! - [`handler`]: one request: parse the target ([`host`]), ask the [`policy`], then
 //!   [`tunnel`] for CONNECT or [`forward`] for absolute-form HTTP.
@@ -16,7 +18,7 @@
 //! Around them: [`config`] (flags and TOML into typed settings), [`error`] (reason codes and
 //! the one refusal-to-response mapping), [`audit`] (JSON lines), [`admin`] (metrics, health,
 //! policy), [`reload`] (SIGHUP and the file watcher). [`start`] wires them up for the binary;
-//! tests can also call [`server::run`] with a listener bound to port 0.
+//! programs that embed the proxy can call [`server::run`] with a listener of their own.
 
 pub mod admin;
 pub mod audit;
@@ -50,31 +52,106 @@ use crate::dns::Dns;
 use crate::reload::Reloader;
 use crate::server::{Core, State};
 
-/// How many accepted-but-unserved connections the kernel may queue on the proxy listener (the
+/// How many accepted-but-unserved connections the kernel may queue on each proxy listener (the
 /// kernel caps it at `net.core.somaxconn`). The 1,024 of tokio's `TcpListener::bind` overflowed
 /// in the benchmark's bursts of 256 simultaneous tunnel setups on two busy cores, turning
 /// queued connections into one-second SYN retransmits.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds the proxy listener with [`LISTEN_BACKLOG`] and address reuse (a restarted proxy can bind
-/// again while old connections linger in TIME_WAIT).
-fn bind_proxy_listener(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+/// Binds one listener per serving thread on `addr`, all sharing the port through
+/// `SO_REUSEPORT` so the kernel spreads connections over the threads.
+///
+/// `SO_REUSEPORT` would also let a second proxy started by the same user on the same port
+/// silently take half the connections; a probe bind without it first makes a port that anyone
+/// already listens on an error, as it is without sharing. Port 0 is resolved by the probe, so
+/// every listener gets the same port.
+fn bind_proxy_listeners(
+    addr: std::net::SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let socket = |reuse_port: bool| -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // A restarted proxy can bind again while old connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(reuse_port)?;
+        Ok(socket)
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    let probe = socket(false)?;
+    probe.bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..count)
+        .map(|_| {
+            let socket = socket(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)?.into_std()
+        })
+        .collect()
+}
+
+/// One serving thread: a current-thread runtime that accepts on its own listener and serves
+/// those connections until the drain is over.
+struct ServingThread {
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServingThread {
+    fn spawn(
+        index: usize,
+        listener: std::net::TcpListener,
+        state: Arc<State>,
+        shutdown: CancellationToken,
+        drained: CancellationToken,
+    ) -> anyhow::Result<ServingThread> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start a serving thread's runtime")?;
+        let thread = std::thread::Builder::new()
+            .name(format!("paude-proxy-{index}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    let accepted = server::accept(listener, state, shutdown).await;
+                    // Connections accepted here are served by this runtime: keep it running
+                    // until the drain is over.
+                    drained.cancelled().await;
+                    accepted
+                })
+            })
+            .context("cannot start a serving thread")?;
+        Ok(ServingThread { thread })
+    }
+
+    fn join(self) -> anyhow::Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a serving thread panicked"))?
+    }
 }
 
 /// Binds the listeners, prints their addresses, serves until SIGTERM or SIGINT, reloads on
-/// SIGHUP and when the watched files change, then drains.
+/// SIGHUP and when the watched files change, then drains. Runs on the control runtime (signals,
+/// reloads, admin endpoints, audit writer); connections are served by `--worker-threads` serving
+/// threads of their own.
 pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
     let settings = loaded.settings;
-    let listener = bind_proxy_listener(settings.listen)
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let local = listener.local_addr()?;
+    let threads = settings.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let listeners = bind_proxy_listeners(settings.listen, threads).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another program, perhaps another paude-proxy, holds that port; stop it or \
+             choose another address with --listen)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on {}: {e}{hint}", settings.listen)
+    })?;
+    let local = listeners[0].local_addr()?;
     let admin = match settings.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -83,11 +160,11 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut listeners = vec![local];
+    let mut own = vec![local];
     if let Some(a) = &admin {
-        listeners.push(a.local_addr()?);
+        own.push(a.local_addr()?);
     }
-    let own = ifaddrs::own_addresses(&listeners);
+    let own = ifaddrs::own_addresses(&own);
     let dns = Dns::new(&settings.dns_servers, settings.limits.dns_timeout)?;
     let core = Arc::new(Core::new(loaded.policy, settings.limits.clone(), dns, own));
     let audit = Audit::open(settings.audit_log.as_ref()).await?;
@@ -123,7 +200,34 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
         eprintln!("paude-proxy admin listening on {}", admin.local_addr()?);
         tokio::spawn(admin::serve(admin, core.clone(), shutdown.clone()));
     }
-    let served = server::run(listener, state, shutdown).await;
+    let drained = CancellationToken::new();
+    let mut serving = Vec::with_capacity(listeners.len());
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let started = ServingThread::spawn(
+            index,
+            listener,
+            state.clone(),
+            shutdown.clone(),
+            drained.clone(),
+        );
+        match started {
+            Ok(thread) => serving.push(thread),
+            Err(e) => {
+                shutdown.cancel();
+                drained.cancel();
+                return Err(e);
+            }
+        }
+    }
+    shutdown.cancelled().await;
+    server::drain(&state).await;
+    drained.cancel();
+    let mut served = Ok(());
+    for thread in serving {
+        if let Err(e) = thread.join() {
+            served = Err(e);
+        }
+    }
     // Lines of the last requests are still buffered: write them before exiting.
     audit.close().await;
     served

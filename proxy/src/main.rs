@@ -27,11 +27,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(loaded.settings.log_format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = loaded.settings.worker_threads {
-        builder.worker_threads(n);
-    }
-    let runtime = builder.enable_all().build()?;
+    // The control runtime: signals, reloads, admin endpoints and the audit writer. Connections
+    // are served by threads `start` creates, each with a runtime of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(paude_proxy::start(cli, loaded))
 }
 

@@ -1,9 +1,11 @@
-//! The accept loop and the state every connection shares. [`run`] takes a bound listener and
-//! a shutdown token (so tests can bind port 0), limits concurrent connections with a
-//! semaphore, serves a connection that opens with a CONNECT on the bare socket and any other
-//! with hyper's HTTP/1 server, and on shutdown stops
-//! accepting, drains connections and tunnels for a bounded time, then closes what is left.
-
+//! The accept loop and the state every connection shares. The proxy serves from several
+//! threads, each with its own current-thread runtime and its own listener socket on the same
+//! address (`SO_REUSEPORT`), so a connection is accepted, decided and relayed on one thread
+//! without cross-thread wake-ups. [`accept`] runs one such listener until shutdown, serving a
+//! connection that opens with a CONNECT on the bare socket and any other with hyper's HTTP/1
+//! server; the connection limit and the connection trackers are shared by all threads, so
+//! [`drain`], called once, waits for every thread's connections and tunnels for a bounded time,
+//! then closes what is left.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -68,6 +70,10 @@ pub struct State {
     pub audit: Audit,
     /// The pooled client for plain HTTP forwarding.
     pub client: forward::Client,
+    /// The connection limit, shared by every serving thread.
+    connections: Arc<Semaphore>,
+    /// Connection tasks of every serving thread (a first CONNECT's tunnel runs in one).
+    conns: TaskTracker,
     /// CONNECT tunnels outlive hyper's connection futures, so they are tracked here.
     pub tunnels: TaskTracker,
     /// Fires when the drain period is over and remaining tunnels must close.
@@ -78,6 +84,8 @@ impl State {
     pub fn new(core: Arc<Core>, audit: Audit) -> State {
         State {
             client: forward::client(core.clone()),
+            connections: Arc::new(Semaphore::new(core.limits.max_connections)),
+            conns: TaskTracker::new(),
             core,
             audit,
             tunnels: TaskTracker::new(),
@@ -103,16 +111,27 @@ impl State {
     }
 }
 
-/// Serves `listener` until `shutdown` fires, then drains.
+/// Serves `listener` on the caller's runtime until `shutdown` fires, then drains: the whole
+/// proxy in one call, for programs that embed it with a listener of their own (the binary uses
+/// [`accept`] on several threads and [`drain`] once instead).
 pub async fn run(
     listener: TcpListener,
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let limits = state.core.limits.clone();
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    // Connections are tracked here; hyper's own graceful shutdown does not cover upgrades.
-    let conns = TaskTracker::new();
+    let accepted = accept(listener, state.clone(), shutdown).await;
+    drain(&state).await;
+    accepted
+}
+
+/// Accepts on `listener` until `shutdown` fires, spawning each connection on the calling
+/// thread's runtime; the caller keeps that runtime running until [`drain`] has returned.
+pub async fn accept(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let limits = &state.core.limits;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -121,10 +140,6 @@ pub async fn run(
         .keep_alive(true);
     let builder = Arc::new(builder);
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = connections.clone().acquire_owned() => permit?,
-        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -153,11 +168,19 @@ pub async fn run(
             });
             continue;
         }
+        // Wait for a slot after accepting: every thread's listener has its own queue, so a
+        // thread waiting for a slot before accepting could leave a connection queued on its
+        // listener while the freed slot goes to another thread. This way a thread holds at
+        // most one accepted connection beyond the limit.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = state.connections.clone().acquire_owned() => permit?,
+        };
         let _ = stream.set_nodelay(true);
         let conn_state = state.clone();
         let builder = builder.clone();
         let stop = shutdown.clone();
-        conns.spawn(async move {
+        state.conns.spawn(async move {
             let accepted = Instant::now();
             let mut stream = stream;
             let first = tokio::select! {
@@ -191,18 +214,23 @@ pub async fn run(
             drop(permit);
         });
     }
-    drop(listener);
+    Ok(())
+}
+
+/// After every accept loop has stopped: lets open connections and tunnels finish for up to the
+/// drain timeout, then tells the rest to close and waits briefly for them.
+pub async fn drain(state: &State) {
+    let limits = &state.core.limits;
     tracing::info!(
         "shutting down: draining connections for up to {:?}",
         limits.drain_timeout
     );
-    conns.close();
+    state.conns.close();
     state.tunnels.close();
-    let drain = async {
-        conns.wait().await;
-        state.tunnels.wait().await;
+    let drained = async {
+        tokio::join!(state.conns.wait(), state.tunnels.wait());
     };
-    if tokio::time::timeout(limits.drain_timeout, drain)
+    if tokio::time::timeout(limits.drain_timeout, drained)
         .await
         .is_err()
     {
@@ -211,10 +239,9 @@ pub async fn run(
     state.tunnel_stop.cancel();
     // Tunnels run in connection tasks (a first CONNECT) or in tracked tasks (a later one).
     let closed = async {
-        tokio::join!(conns.wait(), state.tunnels.wait());
+        tokio::join!(state.conns.wait(), state.tunnels.wait());
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), closed).await;
-    Ok(())
 }
 
 /// Serves a connection that did not start with a CONNECT with hyper: plain HTTP requests, and

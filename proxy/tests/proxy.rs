@@ -1668,3 +1668,28 @@ async fn worker_threads_can_be_set_and_zero_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("--worker-threads must be at least 1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_proxy_on_the_same_port_is_refused_and_the_first_serves_every_connection() {
+    // Serving threads share the port with SO_REUSEPORT; that must not let a second process in.
+    let first = start(&["--allow", "pypi", "--worker-threads", "4"], &[]);
+    let listen = first.addr.to_string();
+    let second = Proxy::try_start(&["--listen", &listen, "--allow", "pypi"]);
+    let stderr = match second {
+        Ok(_) => panic!("a second proxy started on {listen}"),
+        Err(stderr) => stderr,
+    };
+    assert!(
+        stderr.contains(&format!("cannot listen on {listen}")),
+        "{stderr}"
+    );
+    // Connections are spread over the first proxy's four listeners; every one is answered.
+    for _ in 0..32 {
+        let out = raw(
+            first.addr,
+            b"CONNECT evil.test:443 HTTP/1.1\r\nHost: evil.test:443\r\n\r\n",
+        )
+        .await;
+        assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"), "{out}");
+    }
+}

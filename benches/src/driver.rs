@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use crate::client::{self, Route, HOST};
 use crate::hello::client_hello;
 use crate::peers::{self, Peer, PeerConfig, PeerKind};
+use crate::procfs::CpuMeter;
 use crate::scenarios::{self, IdleSample, Sample};
 use crate::servers;
 
@@ -180,9 +181,13 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
     }
 
     let echo = servers::spawn_echo_process(&setup.helper_bin).await?;
+    let meter = CpuMeter {
+        echo_pid: echo.pid(),
+    };
     let origin = servers::start_origin().await?;
     let config = PeerConfig {
         paude_bin: setup.paude_bin.clone(),
+        helper_bin: setup.helper_bin.clone(),
         echo: echo.addr,
         origin: origin.addr,
         max_connections: plan.idle_tunnels + 1024,
@@ -217,10 +222,12 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
         idle: BTreeMap::new(),
     };
     let kinds: Vec<PeerKind> = running.keys().copied().collect();
-    let proxies: Vec<PeerKind> = kinds
+    let proxies: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.is_proxy()).collect();
+    // Plain HTTP goes direct or through a proxy; the bare relay carries tunnels only.
+    let http_paths: Vec<PeerKind> = kinds
         .iter()
         .copied()
-        .filter(|k| *k != PeerKind::Direct)
+        .filter(|k| k.is_proxy() || *k == PeerKind::Direct)
         .collect();
     let d = plan.duration;
 
@@ -229,8 +236,8 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
             for round in 0..plan.rounds {
                 for kind in rotation(&kinds, round) {
                     let peer = alive(&mut running, kind)?;
-                    let sample =
-                        scenarios::tunnel_rate(peer.route, echo.addr, hello.clone(), c, d).await;
+                    let run = scenarios::tunnel_rate(peer.route, echo.addr, hello.clone(), c, d);
+                    let sample = metered(&meter, peer.pid(), run).await;
                     progress(
                         &format!("tunnels c={c}"),
                         kind,
@@ -253,7 +260,8 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
             for round in 0..plan.rounds {
                 for kind in rotation(&kinds, round) {
                     let peer = alive(&mut running, kind)?;
-                    let sample = scenarios::bulk(peer.route, echo.addr, hello.clone(), n, d).await;
+                    let run = scenarios::bulk(peer.route, echo.addr, hello.clone(), n, d);
+                    let sample = metered(&meter, peer.pid(), run).await;
                     progress(
                         &format!("bulk x{n}"),
                         kind,
@@ -269,10 +277,10 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
     }
     if plan.includes(Scenario::Http) {
         for round in 0..plan.rounds {
-            for kind in rotation(&kinds, round) {
+            for kind in rotation(&http_paths, round) {
                 let peer = alive(&mut running, kind)?;
-                let sample =
-                    scenarios::http(peer.route, origin.addr, plan.http_concurrency, d).await;
+                let run = scenarios::http(peer.route, origin.addr, plan.http_concurrency, d);
+                let sample = metered(&meter, peer.pid(), run).await;
                 progress("http", kind, round, &sample, sample.ops_per_sec(), "req/s");
                 results.http.entry(kind).or_default().add_round(sample);
             }
@@ -402,6 +410,18 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
     Ok(results)
 }
 
+/// Runs one measurement and records the CPU time spent during it.
+async fn metered(
+    meter: &CpuMeter,
+    proxy_pid: Option<u32>,
+    run: impl std::future::Future<Output = Sample>,
+) -> Sample {
+    let before = meter.read(proxy_pid);
+    let mut sample = run.await;
+    sample.cpu = meter.read(proxy_pid) - before;
+    sample
+}
+
 fn alive(running: &mut BTreeMap<PeerKind, Peer>, kind: PeerKind) -> anyhow::Result<&mut Peer> {
     let peer = running
         .get_mut(&kind)
@@ -424,6 +444,9 @@ async fn check_path(
         .await
         .with_context(|| format!("{name}: a tunnel to the echo server timed out"))?
         .with_context(|| format!("{name}: cannot open a tunnel to the echo server"))?;
+    if peer.kind == PeerKind::BareRelay {
+        return Ok(());
+    }
     tokio::time::timeout(limit, client::HttpClient::new(peer.route, origin).get())
         .await
         .with_context(|| format!("{name}: a GET to the origin timed out"))?
@@ -492,13 +515,13 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
                 true,
             );
         }
-        if on(Scenario::Http) {
+        if on(Scenario::Http) && kind != PeerKind::BareRelay {
             check(format!("{name} http"), results.http.get(&kind), false);
         }
-        if kind != PeerKind::Direct && on(Scenario::Denials) {
+        if kind.is_proxy() && on(Scenario::Denials) {
             check(format!("{name} denials"), results.deny.get(&kind), false);
         }
-        if kind != PeerKind::Direct && on(Scenario::Flood) {
+        if kind.is_proxy() && on(Scenario::Flood) {
             check(
                 format!("{name} flood baseline"),
                 results.flood_baseline.get(&kind),
@@ -515,7 +538,7 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
                 false,
             );
         }
-        if kind != PeerKind::Direct && on(Scenario::Idle) {
+        if kind.is_proxy() && on(Scenario::Idle) {
             match results.idle.get(&kind) {
                 Some(idle) if idle.opened == idle.requested && idle.rss_after_kib > 0 => {}
                 other => idle_problems.push(format!("{name} idle: {other:?}")),

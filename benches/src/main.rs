@@ -41,6 +41,9 @@ enum Mode {
     /// Serve the upstream echo server until standard input closes (used by the benchmark itself).
     #[command(hide = true)]
     EchoServer,
+    /// Serve the bare CONNECT relay until standard input closes (used by the benchmark itself).
+    #[command(hide = true)]
+    BareRelay,
 }
 
 #[derive(clap::Args)]
@@ -48,8 +51,9 @@ struct Common {
     /// The paude-proxy binary to measure; by default it is built in release mode next to this one.
     #[arg(long)]
     paude_bin: Option<PathBuf>,
-    /// Which paths to measure (comma-separated: direct, paude-proxy, squid, tinyproxy).
-    #[arg(long, value_delimiter = ',', default_value = "direct,paude-proxy,squid,tinyproxy", value_parser = parse_peer)]
+    /// Which paths to measure (comma-separated: direct, bare-relay, paude-proxy, squid,
+    /// tinyproxy).
+    #[arg(long, value_delimiter = ',', default_value = "direct,bare-relay,paude-proxy,squid,tinyproxy", value_parser = parse_peer)]
     peers: Vec<PeerKind>,
     /// Run only these scenarios (comma-separated); a partial run prints its table and does not
     /// rewrite the results file.
@@ -62,7 +66,9 @@ fn parse_peer(name: &str) -> Result<PeerKind, String> {
         .into_iter()
         .find(|k| k.name() == name)
         .ok_or_else(|| {
-            format!("unknown peer {name:?}; use direct, paude-proxy, squid or tinyproxy")
+            format!(
+                "unknown peer {name:?}; use direct, bare-relay, paude-proxy, squid or tinyproxy"
+            )
         })
 }
 
@@ -89,6 +95,7 @@ fn real_main() -> anyhow::Result<()> {
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             return runtime.block_on(paude_benches::servers::serve_echo_until_stdin_closes());
         }
+        Mode::BareRelay => return paude_benches::servers::serve_bare_relay_until_stdin_closes(),
     };
     plan.only = common.only.clone();
     let plan_is_smoke = plan.name == "smoke";

@@ -1,10 +1,13 @@
-//! The four paths under test and the processes behind them.
+//! The paths under test and the processes behind them.
 //!
 //! paude-proxy, squid and tinyproxy are each started with a generated configuration in their
 //! own temporary directory: listening on 127.0.0.1 only, caching off, logs off or into that
 //! directory, and the same policy (allow `bench.test` and its subdomains, CONNECT only to the
 //! echo server's port, `bench.test` pinned to 127.0.0.1, everything else refused). The direct
-//! path has no process at all. Processes are killed when their [`Peer`] is dropped.
+//! path has no process at all. The bare relay (`paude-benches bare-relay`, see
+//! [`crate::servers::serve_bare_relay_until_stdin_closes`]) is no product but a floor: a
+//! CONNECT relay with nothing but the relay, measured on the tunnel scenarios only. Processes are
+//! killed when their [`Peer`] is dropped.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -18,18 +21,21 @@ use tokio::process::{Child, Command};
 
 use crate::client::{Route, HOST};
 
-/// One of the four paths the benchmark compares.
+/// One of the paths the benchmark compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerKind {
     Direct,
+    /// The least a CONNECT relay can do: the floor under every proxy on this machine.
+    BareRelay,
     Paude,
     Squid,
     Tinyproxy,
 }
 
 impl PeerKind {
-    pub const ALL: [PeerKind; 4] = [
+    pub const ALL: [PeerKind; 5] = [
         PeerKind::Direct,
+        PeerKind::BareRelay,
         PeerKind::Paude,
         PeerKind::Squid,
         PeerKind::Tinyproxy,
@@ -38,10 +44,17 @@ impl PeerKind {
     pub fn name(self) -> &'static str {
         match self {
             PeerKind::Direct => "direct",
+            PeerKind::BareRelay => "bare-relay",
             PeerKind::Paude => "paude-proxy",
             PeerKind::Squid => "squid",
             PeerKind::Tinyproxy => "tinyproxy",
         }
+    }
+
+    /// Whether this path is a filtering proxy, measured on every scenario (plain HTTP,
+    /// refusals, the flood, idle memory); the direct path and the bare relay only carry tunnels.
+    pub fn is_proxy(self) -> bool {
+        !matches!(self, PeerKind::Direct | PeerKind::BareRelay)
     }
 }
 
@@ -50,6 +63,8 @@ impl PeerKind {
 pub struct PeerConfig {
     /// The paude-proxy binary (built in release for real runs).
     pub paude_bin: PathBuf,
+    /// The `paude-benches` binary, which serves the bare relay.
+    pub helper_bin: PathBuf,
     pub echo: SocketAddr,
     pub origin: SocketAddr,
     /// How many simultaneous connections each proxy must accept (the idle test's tunnel count
@@ -112,6 +127,21 @@ pub async fn start(kind: PeerKind, config: &PeerConfig) -> anyhow::Result<Peer> 
             child: None,
             dir: None,
         }),
+        PeerKind::BareRelay => {
+            let relay = crate::servers::spawn_helper(
+                &config.helper_bin,
+                "bare-relay",
+                crate::servers::RELAY_BANNER,
+            )
+            .await?;
+            Ok(Peer {
+                kind,
+                route: Route::Proxy(relay.addr),
+                version: "CONNECT relay without policy, DNS, checks or logs (a floor)".into(),
+                child: Some(relay.child),
+                dir: None,
+            })
+        }
         PeerKind::Paude => start_paude(config).await,
         PeerKind::Squid => start_squid(config).await,
         PeerKind::Tinyproxy => start_tinyproxy(config).await,
@@ -379,58 +409,4 @@ async fn wait_listening(peer: &mut Peer) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Resident memory in KiB of `pid` and all its descendants.
-pub fn tree_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let mut parents = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // The parent pid is the second field after the parenthesised command name.
-        let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            continue;
-        };
-        if let Some(ppid) = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse::<u32>().ok())
-        {
-            parents.push((child, ppid));
-        }
-    }
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, p)| *p == parent)
-                .map(|(c, _)| *c),
-        );
-        i += 1;
-    }
-    let mut total = 0;
-    for p in tree {
-        let status = std::fs::read_to_string(format!("/proc/{p}/status"))
-            .with_context(|| format!("cannot read the memory of process {p}"))?;
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .with_context(|| format!("process {p} reports no VmRSS"))?;
-        total += rss;
-    }
-    Ok(total)
 }

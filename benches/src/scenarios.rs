@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use crate::client::{denied_connect, open_tunnel, HttpClient, Route};
+use crate::procfs::CpuUse;
 
 /// The longest one operation may take before it counts as an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,6 +35,8 @@ pub struct Sample {
     pub latencies_us: Vec<u32>,
     /// Operations and bytes per second of each round added with [`Sample::add_round`].
     pub round_rates: Vec<(f64, f64)>,
+    /// CPU time spent while it ran, when the driver metered it.
+    pub cpu: CpuUse,
 }
 
 impl Sample {
@@ -47,6 +50,30 @@ impl Sample {
         }
         self.elapsed += other.elapsed;
         self.latencies_us.extend(other.latencies_us);
+        self.cpu += other.cpu;
+    }
+
+    /// CPU microseconds per completed operation: the proxy's, and the load generator's and
+    /// upstream's together.
+    pub fn cpu_us_per_op(&self) -> Option<(f64, f64)> {
+        (self.ops > 0 && self.cpu.machine > 0.0).then(|| {
+            let per = 1e6 / self.ops as f64;
+            (self.cpu.proxy * per, self.cpu.load * per)
+        })
+    }
+
+    /// CPU seconds per GiB echoed: the proxy's, and the load generator's and upstream's.
+    pub fn cpu_secs_per_gib(&self) -> Option<(f64, f64)> {
+        (self.bytes > 0 && self.cpu.machine > 0.0).then(|| {
+            let gib = self.bytes as f64 / (1u64 << 30) as f64;
+            (self.cpu.proxy / gib, self.cpu.load / gib)
+        })
+    }
+
+    /// How busy the whole machine was, as a share of all its CPUs.
+    pub fn machine_busy(&self, cpus: usize) -> Option<f64> {
+        let wall = self.elapsed.as_secs_f64();
+        (self.cpu.machine > 0.0 && wall > 0.0).then(|| self.cpu.machine / (wall * cpus as f64))
     }
 
     /// Adds one round of the same scenario on the same path, keeping its own rate, so that a
@@ -338,7 +365,7 @@ pub async fn idle(
         requested: count,
         ..IdleSample::default()
     };
-    result.rss_before_kib = crate::peers::tree_rss_kib(pid)?;
+    result.rss_before_kib = crate::procfs::tree_rss_kib(pid)?;
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     let mut set = JoinSet::new();
     for _ in 0..count {
@@ -363,7 +390,7 @@ pub async fn idle(
     result.opened = streams.len();
     // Let the peer settle (deferred allocations, buffer trimming) before reading its memory.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    result.rss_after_kib = crate::peers::tree_rss_kib(pid)?;
+    result.rss_after_kib = crate::procfs::tree_rss_kib(pid)?;
     drop(streams);
     Ok(result)
 }

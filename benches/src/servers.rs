@@ -5,8 +5,10 @@
 //! whichever peer is in front of them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
+use paude_proxy::splice::relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -127,56 +129,169 @@ fn wants_keep_alive(request: &httparse::Request) -> bool {
     }
 }
 
-/// The echo server running in a child process of its own (`paude-benches echo-server`).
+/// A server of this benchmark running in a child process of its own (`paude-benches
+/// echo-server` or `paude-benches bare-relay`), killed when dropped.
 ///
 /// Every idle tunnel holds one descriptor in the load generator and one in the echo server, and
 /// a process may hold at most `ulimit -Hn` descriptors: keeping the echo server out of the load
-/// generator's process lets both ends of 10,000 tunnels fit.
-pub struct EchoProcess {
+/// generator's process lets both ends of 10,000 tunnels fit. Its own process also lets the
+/// benchmark account its CPU time apart from the load generator's.
+pub struct HelperProcess {
     pub addr: SocketAddr,
-    _child: tokio::process::Child,
+    pub child: tokio::process::Child,
 }
 
-/// Starts `helper echo-server` and waits for the address it prints.
-pub async fn spawn_echo_process(helper: &std::path::Path) -> anyhow::Result<EchoProcess> {
+impl HelperProcess {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// Starts `helper <subcommand>` and waits for the `<banner><address>` line it prints.
+pub async fn spawn_helper(
+    helper: &std::path::Path,
+    subcommand: &str,
+    banner: &str,
+) -> anyhow::Result<HelperProcess> {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(helper)
-        .arg("echo-server")
+        .arg(subcommand)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start the echo server {}", helper.display()))?;
+        .with_context(|| format!("cannot start `{} {subcommand}`", helper.display()))?;
     let stdout = child
         .stdout
         .take()
-        .context("echo server stdout was not captured")?;
+        .with_context(|| format!("`{subcommand}` stdout was not captured"))?;
     let mut lines = tokio::io::BufReader::new(stdout).lines();
     let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
         .await
-        .context("the echo server did not print its address within 10 s")??
-        .context("the echo server exited before printing its address")?;
+        .with_context(|| format!("`{subcommand}` did not print its address within 10 s"))??
+        .with_context(|| format!("`{subcommand}` exited before printing its address"))?;
     let addr = line
-        .strip_prefix(ECHO_BANNER)
+        .strip_prefix(banner)
         .and_then(|rest| rest.trim().parse().ok())
-        .with_context(|| format!("the echo server printed {line:?} instead of its address"))?;
-    Ok(EchoProcess {
-        addr,
-        _child: child,
-    })
+        .with_context(|| format!("`{subcommand}` printed {line:?} instead of its address"))?;
+    Ok(HelperProcess { addr, child })
+}
+
+/// Starts the echo server in a process of its own.
+pub async fn spawn_echo_process(helper: &std::path::Path) -> anyhow::Result<HelperProcess> {
+    spawn_helper(helper, "echo-server", ECHO_BANNER).await
 }
 
 const ECHO_BANNER: &str = "paude-benches echo listening on ";
+pub const RELAY_BANNER: &str = "paude-benches bare relay listening on ";
 
 /// The body of `paude-benches echo-server`: serve until standard input closes (the parent died
 /// or dropped its handle), so the server never outlives the run.
 pub async fn serve_echo_until_stdin_closes() -> anyhow::Result<()> {
     let server = start_echo().await?;
-    println!("{ECHO_BANNER}{}", server.addr);
+    announce(ECHO_BANNER, server.addr)?;
+    wait_for_stdin_to_close().await
+}
+
+fn announce(banner: &str, addr: SocketAddr) -> anyhow::Result<()> {
     use std::io::Write as _;
+    println!("{banner}{addr}");
     std::io::stdout().flush()?;
+    Ok(())
+}
+
+async fn wait_for_stdin_to_close() -> anyhow::Result<()> {
     let mut stdin = tokio::io::stdin();
     let mut sink = Vec::new();
     stdin.read_to_end(&mut sink).await?;
+    Ok(())
+}
+
+/// The body of `paude-benches bare-relay`: the least work a CONNECT proxy can do, as a floor
+/// to measure paude-proxy against. It reads the CONNECT head, dials 127.0.0.1 at the requested
+/// port, answers `200` and relays bytes both ways with splice(2); no policy, no name resolution, no address or
+/// SNI checks, no logs, no limits. It is built like paude-proxy (one current-thread runtime per
+/// CPU, each with its own `SO_REUSEPORT` listener), so the gap between the two is what
+/// paude-proxy's guards cost, and the gap between it and the direct path is what any proxy hop
+/// costs on this machine.
+pub fn serve_bare_relay_until_stdin_closes() -> anyhow::Result<()> {
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listeners = control.block_on(async {
+        let mut listeners = Vec::with_capacity(threads);
+        let mut addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        for _ in 0..threads {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            let listener = socket.listen(4096)?;
+            addr = listener.local_addr()?;
+            listeners.push(listener.into_std()?);
+        }
+        anyhow::Ok(listeners)
+    })?;
+    announce(RELAY_BANNER, listeners[0].local_addr()?)?;
+    for listener in listeners {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = TcpListener::from_std(listener) else {
+                    return;
+                };
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            tokio::spawn(async move {
+                                let _ = bare_relay(stream).await;
+                            });
+                        }
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                    }
+                }
+            })
+        });
+    }
+    control.block_on(wait_for_stdin_to_close())
+}
+
+async fn bare_relay(mut client: TcpStream) -> anyhow::Result<()> {
+    client.set_nodelay(true)?;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        let n = client.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "client closed before its CONNECT head ended");
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        anyhow::ensure!(head.len() < 64 * 1024, "CONNECT head too large");
+    };
+    let port = std::str::from_utf8(&head[..end])?
+        .split_whitespace()
+        .nth(1)
+        .and_then(|authority| authority.rsplit_once(':'))
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .context("not a CONNECT head with a port")?;
+    let mut upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    upstream.set_nodelay(true)?;
+    client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    if head.len() > end {
+        upstream.write_all(&head[end..]).await?;
+    }
+    // paude-proxy's splice(2) loop: the cheapest way to move the bytes that is known here.
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (to_upstream, to_client) = tokio::join!(
+        relay(&client, &upstream, &up),
+        relay(&upstream, &client, &down)
+    );
+    to_upstream?;
+    to_client?;
     Ok(())
 }

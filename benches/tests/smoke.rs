@@ -24,7 +24,7 @@ fn paude_proxy_bin() -> PathBuf {
     bin
 }
 
-const PEERS: &str = "direct,paude-proxy,squid,tinyproxy";
+const PEERS: &str = "direct,bare-relay,paude-proxy,squid,tinyproxy";
 
 #[tokio::test]
 async fn smoke_mode_measures_every_scenario_on_every_path() {
@@ -68,4 +68,18 @@ async fn smoke_mode_measures_every_scenario_on_every_path() {
         .collect();
     assert_eq!(cells.len(), PEERS.split(',').count(), "{row}");
     assert!(cells.iter().all(|v| *v > 0.0), "{row}");
+
+    // CPU time was metered on every path: the machine was busy during each measurement.
+    let busy = stdout
+        .lines()
+        .find(|l| l.starts_with("| machine busy, concurrency 16 |"))
+        .expect("machine busy row in the CPU table");
+    let cells: Vec<&str> = busy.split('|').skip(2).map(str::trim).collect();
+    assert!(
+        cells
+            .iter()
+            .take(PEERS.split(',').count())
+            .all(|c| c.ends_with('%')),
+        "{busy}"
+    );
 }

@@ -102,6 +102,11 @@ impl Audit {
         Ok(Audit { sink: Some(sink) })
     }
 
+    /// Whether audit lines are written anywhere.
+    pub fn is_on(&self) -> bool {
+        self.sink.is_some()
+    }
+
     /// Writes every line still buffered and stops the writer; called once at shutdown.
     pub async fn close(&self) {
         let Some(sink) = &self.sink else { return };

@@ -98,7 +98,9 @@ impl State {
         self.core
             .metrics
             .decision(record.decision.reason, record.bytes_up, record.bytes_down);
-        if !record.decision.allowed {
+        // A denial is logged once: in the audit log when there is one, else on stderr, so a
+        // flood of refusals does not also flood the log.
+        if !record.decision.allowed && !self.audit.is_on() {
             tracing::info!(
                 client = %record.client,
                 host = %record.host,

@@ -1041,16 +1041,19 @@ async fn curl_through_the_proxy_the_worked_readme_example() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_lines_go_to_stdout_with_a_dash_and_logs_stay_on_stderr_as_json() {
+    let deny = b"CONNECT nope.test:443 HTTP/1.1\r\nHost: x\r\n\r\n";
     let proxy = start(&["--audit-log", "-", "--log-format", "json"], &[]);
-    raw(
-        proxy.addr,
-        b"CONNECT nope.test:443 HTTP/1.1\r\nHost: x\r\n\r\n",
-    )
-    .await;
+    raw(proxy.addr, deny).await;
     let lines = proxy.wait_for_stdout_lines(1);
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(line["reason"], "not_allowed");
+    // The audit line is the record of the refusal; stderr does not repeat it.
+    assert!(!proxy.stderr().contains("\"denied\""), "{}", proxy.stderr());
+
+    // Without an audit log, refusals are logged on stderr, as JSON lines.
+    let proxy = start(&["--log-format", "json"], &[]);
+    raw(proxy.addr, deny).await;
     assert!(proxy.wait_for_stderr("\"denied\""), "{}", proxy.stderr());
     let log = proxy
         .stderr()
@@ -1060,6 +1063,7 @@ async fn audit_lines_go_to_stdout_with_a_dash_and_logs_stay_on_stderr_as_json() 
         .to_owned();
     let log: serde_json::Value = serde_json::from_str(&log).expect("json logs");
     assert_eq!(log["level"], "INFO");
+    assert_eq!(log["fields"]["reason"], "not_allowed", "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

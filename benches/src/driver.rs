@@ -68,7 +68,7 @@ impl Plan {
             deny_concurrency: 16,
             flood_concurrency: 16,
             flood_per_sec: 1000,
-            flood_rounds: 5,
+            flood_rounds: 9,
             idle_tunnels: 10_000,
             only: Vec::new(),
         }
@@ -293,7 +293,8 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
                 let Route::Proxy(addr) = peer.route else {
                     continue;
                 };
-                let sample = scenarios::denials(addr, plan.deny_concurrency, d).await;
+                let run = scenarios::denials(addr, plan.deny_concurrency, d);
+                let sample = metered(&meter, peer.pid(), run).await;
                 progress(
                     "denials",
                     kind,

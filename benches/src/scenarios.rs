@@ -70,6 +70,22 @@ impl Sample {
         })
     }
 
+    /// The median over rounds of this sample's rate divided by `base`'s rate in the same round:
+    /// rounds of the two were taken side by side, so drift of the machine between rounds
+    /// cancels out of each ratio. Falls back to the ratio of the rates without rounds.
+    pub fn paired_ratio(&self, base: &Sample) -> Option<f64> {
+        let paired = self
+            .round_rates
+            .iter()
+            .zip(&base.round_rates)
+            .filter(|(_, b)| b.0 > 0.0)
+            .map(|(r, b)| r.0 / b.0);
+        median(paired).or_else(|| {
+            let b = base.ops_per_sec();
+            (b > 0.0).then(|| self.ops_per_sec() / b)
+        })
+    }
+
     /// How busy the whole machine was, as a share of all its CPUs.
     pub fn machine_busy(&self, cpus: usize) -> Option<f64> {
         let wall = self.elapsed.as_secs_f64();
@@ -117,7 +133,8 @@ impl Sample {
     }
 }
 
-fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+/// The median of `values`, or `None` when there are none.
+pub fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
     let mut sorted: Vec<f64> = values.collect();
     if sorted.is_empty() {
         return None;

@@ -56,7 +56,7 @@ impl Plan {
         self.only.is_empty() || self.only.contains(&scenario)
     }
 
-    /// The full benchmark: about five minutes on two cores.
+    /// The full benchmark: about eight minutes on two cores.
     pub fn full() -> Self {
         Plan {
             name: "full",

@@ -3,11 +3,12 @@
 //! also resolved, checked and dialled by address. Hop-by-hop headers are stripped both ways and
 //! nothing identifying the client is added (no `Via`, no `X-Forwarded-For`).
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -35,8 +36,36 @@ pub type Client = hyper_util::client::legacy::Client<Connector, Counted>;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
+thread_local! {
+    /// This thread's pooled client and the core it was built for.
+    static CLIENT: RefCell<Option<(Weak<Core>, Client)>> = const { RefCell::new(None) };
+}
+
+/// The pooled client of the calling thread, built on first use.
+///
+/// A pooled connection is driven by a task on the runtime that opened it, so one pool shared by
+/// the serving threads would send most requests to another thread and their responses back:
+/// two cross-thread wake-ups per request. A client is tied to its core (policy, limits, address
+/// checks); a thread that serves another core gets a new one, never a client of another core.
+pub fn thread_client(core: &Arc<Core>) -> Client {
+    CLIENT.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        match &*cell {
+            // The held `Weak` keeps its core's allocation, so the address cannot be reused.
+            Some((owner, client)) if std::ptr::eq(owner.as_ptr(), Arc::as_ptr(core)) => {
+                client.clone()
+            }
+            _ => {
+                let client = client(core.clone());
+                *cell = Some((Arc::downgrade(core), client.clone()));
+                client
+            }
+        }
+    })
+}
+
 /// Builds the pooled client around the guarded connector.
-pub fn client(core: Arc<Core>) -> Client {
+fn client(core: Arc<Core>) -> Client {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
@@ -196,7 +225,7 @@ pub async fn forward(
             count: up.clone(),
         },
     );
-    match state.client.request(request).await {
+    match thread_client(&state.core).request(request).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);

@@ -24,7 +24,6 @@ use crate::audit::{Audit, Record};
 use crate::config::Limits;
 use crate::dns::Dns;
 use crate::error::Reason;
-use crate::forward;
 use crate::handler;
 use crate::head::{self, First, Rewind};
 use crate::policy::{Decision, Policy};
@@ -68,8 +67,6 @@ impl Core {
 pub struct State {
     pub core: Arc<Core>,
     pub audit: Audit,
-    /// The pooled client for plain HTTP forwarding.
-    pub client: forward::Client,
     /// The connection limit, shared by every serving thread.
     connections: Arc<Semaphore>,
     /// Connection tasks of every serving thread (a first CONNECT's tunnel runs in one).
@@ -83,7 +80,6 @@ pub struct State {
 impl State {
     pub fn new(core: Arc<Core>, audit: Audit) -> State {
         State {
-            client: forward::client(core.clone()),
             connections: Arc::new(Semaphore::new(core.limits.max_connections)),
             conns: TaskTracker::new(),
             core,

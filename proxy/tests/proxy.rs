@@ -1697,3 +1697,52 @@ async fn a_second_proxy_on_the_same_port_is_refused_and_the_first_serves_every_c
         assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"), "{out}");
     }
 }
+
+#[tokio::test]
+async fn two_embedded_proxies_on_one_thread_never_share_an_upstream_pool() {
+    // Pooled upstream clients are kept per thread; each must still belong to its own proxy, or
+    // one proxy would dial through the other's address checks.
+    use paude_proxy::{audit::Audit, config, dns::Dns, server};
+    use std::sync::Arc;
+
+    let web = http_upstream().await;
+    let target = format!("web.test:{}", web.port());
+    let embedded = |allow_cidr: Vec<String>| {
+        let target = target.clone();
+        async move {
+            let cli = config::Cli {
+                allow: vec![target],
+                allow_cidr,
+                resolve: vec!["web.test=127.0.0.1".into()],
+                ..Default::default()
+            };
+            let loaded = config::load(&cli).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let limits = loaded.settings.limits.clone();
+            let dns = Dns::new(&[], limits.dns_timeout).unwrap();
+            let core = Arc::new(server::Core::new(loaded.policy, limits, dns, vec![addr]));
+            let state = Arc::new(server::State::new(core, Audit::default()));
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(server::run(listener, state, shutdown.clone()));
+            (addr, shutdown)
+        }
+    };
+    // This test runs on a current-thread runtime: both proxies serve on this one thread.
+    let (open, stop_open) = embedded(vec!["127.0.0.0/8".into()]).await;
+    let (guarded, stop_guarded) = embedded(Vec::new()).await;
+    let get =
+        format!("GET http://{target}/x HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+    let out = raw(open, get.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = raw(guarded, get.as_bytes()).await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("loopback_address"),
+        "{out}"
+    );
+    let out = raw(open, get.as_bytes()).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    stop_open.cancel();
+    stop_guarded.cancel();
+}

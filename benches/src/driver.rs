@@ -223,6 +223,7 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
     };
     let kinds: Vec<PeerKind> = running.keys().copied().collect();
     let proxies: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.is_proxy()).collect();
+    let refusers: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.refuses()).collect();
     // Plain HTTP goes direct or through a proxy; the bare relay carries tunnels only.
     let http_paths: Vec<PeerKind> = kinds
         .iter()
@@ -288,7 +289,7 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
     }
     if plan.includes(Scenario::Denials) {
         for round in 0..plan.rounds {
-            for kind in rotation(&proxies, round) {
+            for kind in rotation(&refusers, round) {
                 let peer = alive(&mut running, kind)?;
                 let Route::Proxy(addr) = peer.route else {
                     continue;
@@ -312,7 +313,7 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
         // base, so a machine that speeds up or slows down during the round affects both alike.
         let half = d / 2;
         for round in 0..plan.flood_rounds {
-            for kind in rotation(&proxies, round) {
+            for kind in rotation(&refusers, round) {
                 let peer = alive(&mut running, kind)?;
                 let route = peer.route;
                 let c = plan.flood_concurrency;
@@ -445,13 +446,12 @@ async fn check_path(
         .await
         .with_context(|| format!("{name}: a tunnel to the echo server timed out"))?
         .with_context(|| format!("{name}: cannot open a tunnel to the echo server"))?;
-    if peer.kind == PeerKind::BareRelay {
-        return Ok(());
+    if peer.kind != PeerKind::BareRelay {
+        tokio::time::timeout(limit, client::HttpClient::new(peer.route, origin).get())
+            .await
+            .with_context(|| format!("{name}: a GET to the origin timed out"))?
+            .with_context(|| format!("{name}: cannot GET from the origin"))?;
     }
-    tokio::time::timeout(limit, client::HttpClient::new(peer.route, origin).get())
-        .await
-        .with_context(|| format!("{name}: a GET to the origin timed out"))?
-        .with_context(|| format!("{name}: cannot GET from the origin"))?;
     if let Route::Proxy(addr) = peer.route {
         tokio::time::timeout(limit, client::denied_connect(addr))
             .await
@@ -519,10 +519,10 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
         if on(Scenario::Http) && kind != PeerKind::BareRelay {
             check(format!("{name} http"), results.http.get(&kind), false);
         }
-        if kind.is_proxy() && on(Scenario::Denials) {
+        if kind.refuses() && on(Scenario::Denials) {
             check(format!("{name} denials"), results.deny.get(&kind), false);
         }
-        if kind.is_proxy() && on(Scenario::Flood) {
+        if kind.refuses() && on(Scenario::Flood) {
             check(
                 format!("{name} flood baseline"),
                 results.flood_baseline.get(&kind),

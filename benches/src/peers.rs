@@ -6,7 +6,8 @@
 //! echo server's port, `bench.test` pinned to 127.0.0.1, everything else refused). The direct
 //! path has no process at all. The bare relay (`paude-benches bare-relay`, see
 //! [`crate::servers::serve_bare_relay_until_stdin_closes`]) is no product but a floor: a
-//! CONNECT relay with nothing but the relay, measured on the tunnel scenarios only. Processes are
+//! CONNECT relay with nothing but the relay and a bare refusal, measured on the tunnel, refusal
+//! and flood scenarios. Processes are
 //! killed when their [`Peer`] is dropped.
 
 use std::fmt::Write as _;
@@ -51,10 +52,15 @@ impl PeerKind {
         }
     }
 
-    /// Whether this path is a filtering proxy, measured on every scenario (plain HTTP,
-    /// refusals, the flood, idle memory); the direct path and the bare relay only carry tunnels.
+    /// Whether this path is a filtering proxy, measured on every scenario (plain HTTP, idle
+    /// memory); the bare relay carries tunnels and refuses, the direct path only carries tunnels.
     pub fn is_proxy(self) -> bool {
         !matches!(self, PeerKind::Direct | PeerKind::BareRelay)
+    }
+
+    /// Whether this path answers CONNECTs, and so refuses (the refusal and flood scenarios).
+    pub fn refuses(self) -> bool {
+        self != PeerKind::Direct
     }
 }
 

@@ -251,10 +251,13 @@ pub fn targets(results: &Results) -> Vec<Target> {
         met: r.map(|r| r <= 1.0 / 3.0),
     });
 
-    let base = results.flood_baseline.get(&Paude);
-    let flooded = results.flood_allowed.get(&Paude);
+    let flood_ratio = |k: PeerKind| {
+        let base = results.flood_baseline.get(&k)?;
+        results.flood_allowed.get(&k)?.paired_ratio(base)
+    };
     let achieved = results.flood_denied.get(&Paude).map(|s| s.ops_per_sec());
-    let r = base.zip(flooded).and_then(|(b, f)| f.paired_ratio(b));
+    let r = flood_ratio(Paude);
+    let relay = flood_ratio(BareRelay);
     let flood = results.plan.flood_per_sec;
     out.push(Target {
         name: "allowed tunnel rate under a 1,000/s denial flood",
@@ -262,8 +265,9 @@ pub fn targets(results: &Results) -> Vec<Target> {
             .zip(achieved)
             .map(|(r, a)| {
                 format!(
-                    "{:+.1}% (median of the rounds' ratios; flood achieved {a:.0}/s)",
-                    (r - 1.0) * 100.0
+                    "{:+.1}% (median of the rounds' ratios; flood achieved {a:.0}/s{})",
+                    (r - 1.0) * 100.0,
+                    floor(relay, &|b| format!("{:+.1}%", (b - 1.0) * 100.0))
                 )
             })
             .unwrap_or("—".into()),

@@ -208,8 +208,9 @@ async fn wait_for_stdin_to_close() -> anyhow::Result<()> {
 }
 
 /// The body of `paude-benches bare-relay`: the least work a CONNECT proxy can do, as a floor
-/// to measure paude-proxy against. It reads the CONNECT head, dials 127.0.0.1 at the requested
-/// port, answers `200` and relays bytes both ways with splice(2); no policy, no name resolution, no address or
+/// to measure paude-proxy against. It reads the CONNECT head, refuses any host but the
+/// benchmark's with a bare `403`, dials 127.0.0.1 at the requested port, answers `200` and
+/// relays bytes both ways with splice(2); no policy, no name resolution, no address or
 /// SNI checks, no logs, no limits. It is built like paude-proxy (one current-thread runtime per
 /// CPU, each with its own `SO_REUSEPORT` listener), so the gap between the two is what
 /// paude-proxy's guards cost, and the gap between it and the direct path is what any proxy hop
@@ -271,12 +272,19 @@ async fn bare_relay(mut client: TcpStream) -> anyhow::Result<()> {
         }
         anyhow::ensure!(head.len() < 64 * 1024, "CONNECT head too large");
     };
-    let port = std::str::from_utf8(&head[..end])?
+    let (host, port) = std::str::from_utf8(&head[..end])?
         .split_whitespace()
         .nth(1)
         .and_then(|authority| authority.rsplit_once(':'))
-        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
         .context("not a CONNECT head with a port")?;
+    // The cheapest refusal there is: one comparison, one short answer, close.
+    if host != crate::client::HOST {
+        client
+            .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .await?;
+        return Ok(());
+    }
     let mut upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     upstream.set_nodelay(true)?;
     client

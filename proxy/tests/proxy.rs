@@ -1583,15 +1583,18 @@ async fn sigterm_closes_open_tunnels_after_the_drain_period() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_library_serves_a_listener_the_caller_bound() {
+/// paude-proxy embedded as a library: `cli`'s settings served with `server::run` on the caller's
+/// runtime, on a listener the caller bound. Returns the address, the shutdown token and the task.
+async fn embedded_proxy(
+    cli: paude_proxy::config::Cli,
+) -> (
+    std::net::SocketAddr,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     use paude_proxy::{audit::Audit, config, dns::Dns, server};
     use std::sync::Arc;
 
-    let cli = config::Cli {
-        allow: vec!["pypi".into()],
-        ..Default::default()
-    };
     let loaded = config::load(&cli).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1601,6 +1604,16 @@ async fn the_library_serves_a_listener_the_caller_bound() {
     let state = Arc::new(server::State::new(core, Audit::default()));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let serving = tokio::spawn(server::run(listener, state, shutdown.clone()));
+    (addr, shutdown, serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_serves_a_listener_the_caller_bound() {
+    let (addr, shutdown, serving) = embedded_proxy(paude_proxy::config::Cli {
+        allow: vec!["pypi".into()],
+        ..Default::default()
+    })
+    .await;
     let out = raw(addr, b"CONNECT evil.test:443 HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(header(&out, "x-paude-deny"), Some("not_allowed"), "{out}");
     shutdown.cancel();
@@ -1702,35 +1715,17 @@ async fn a_second_proxy_on_the_same_port_is_refused_and_the_first_serves_every_c
 async fn two_embedded_proxies_on_one_thread_never_share_an_upstream_pool() {
     // Pooled upstream clients are kept per thread; each must still belong to its own proxy, or
     // one proxy would dial through the other's address checks.
-    use paude_proxy::{audit::Audit, config, dns::Dns, server};
-    use std::sync::Arc;
-
     let web = http_upstream().await;
     let target = format!("web.test:{}", web.port());
-    let embedded = |allow_cidr: Vec<String>| {
-        let target = target.clone();
-        async move {
-            let cli = config::Cli {
-                allow: vec![target],
-                allow_cidr,
-                resolve: vec!["web.test=127.0.0.1".into()],
-                ..Default::default()
-            };
-            let loaded = config::load(&cli).unwrap();
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let limits = loaded.settings.limits.clone();
-            let dns = Dns::new(&[], limits.dns_timeout).unwrap();
-            let core = Arc::new(server::Core::new(loaded.policy, limits, dns, vec![addr]));
-            let state = Arc::new(server::State::new(core, Audit::default()));
-            let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(server::run(listener, state, shutdown.clone()));
-            (addr, shutdown)
-        }
+    let cli = |allow_cidr: Vec<String>| paude_proxy::config::Cli {
+        allow: vec![target.clone()],
+        allow_cidr,
+        resolve: vec!["web.test=127.0.0.1".into()],
+        ..Default::default()
     };
     // This test runs on a current-thread runtime: both proxies serve on this one thread.
-    let (open, stop_open) = embedded(vec!["127.0.0.0/8".into()]).await;
-    let (guarded, stop_guarded) = embedded(Vec::new()).await;
+    let (open, stop_open, _) = embedded_proxy(cli(vec!["127.0.0.0/8".into()])).await;
+    let (guarded, stop_guarded, _) = embedded_proxy(cli(Vec::new())).await;
     let get =
         format!("GET http://{target}/x HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
     let out = raw(open, get.as_bytes()).await;

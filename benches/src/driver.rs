@@ -56,7 +56,7 @@ impl Plan {
         self.only.is_empty() || self.only.contains(&scenario)
     }
 
-    /// The full benchmark: about eight minutes on two cores.
+    /// The full benchmark: about ten minutes on two cores.
     pub fn full() -> Self {
         Plan {
             name: "full",
@@ -224,11 +224,10 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
     let kinds: Vec<PeerKind> = running.keys().copied().collect();
     let proxies: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.is_proxy()).collect();
     let refusers: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.refuses()).collect();
-    // Plain HTTP goes direct or through a proxy; the bare relay carries tunnels only.
     let http_paths: Vec<PeerKind> = kinds
         .iter()
         .copied()
-        .filter(|k| k.is_proxy() || *k == PeerKind::Direct)
+        .filter(|k| k.forwards_http())
         .collect();
     let d = plan.duration;
 
@@ -446,7 +445,7 @@ async fn check_path(
         .await
         .with_context(|| format!("{name}: a tunnel to the echo server timed out"))?
         .with_context(|| format!("{name}: cannot open a tunnel to the echo server"))?;
-    if peer.kind != PeerKind::BareRelay {
+    if peer.kind.forwards_http() {
         tokio::time::timeout(limit, client::HttpClient::new(peer.route, origin).get())
             .await
             .with_context(|| format!("{name}: a GET to the origin timed out"))?
@@ -516,7 +515,7 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
                 true,
             );
         }
-        if on(Scenario::Http) && kind != PeerKind::BareRelay {
+        if on(Scenario::Http) && kind.forwards_http() {
             check(format!("{name} http"), results.http.get(&kind), false);
         }
         if kind.refuses() && on(Scenario::Denials) {

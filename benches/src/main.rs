@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Run the full benchmark (about eight minutes on two cores) and write the results file.
+    /// Run the full benchmark (about ten minutes on two cores) and write the results file.
     Run {
         #[command(flatten)]
         common: Common,

@@ -52,10 +52,15 @@ impl PeerKind {
         }
     }
 
-    /// Whether this path is a filtering proxy, measured on every scenario (plain HTTP, idle
-    /// memory); the bare relay carries tunnels and refuses, the direct path only carries tunnels.
+    /// Whether this path is a filtering proxy, so its idle memory is measured too; the bare
+    /// relay carries tunnels and refuses, the direct path carries tunnels and plain HTTP.
     pub fn is_proxy(self) -> bool {
         !matches!(self, PeerKind::Direct | PeerKind::BareRelay)
+    }
+
+    /// Whether this path carries plain HTTP requests (the direct path and the proxies).
+    pub fn forwards_http(self) -> bool {
+        self != PeerKind::BareRelay
     }
 
     /// Whether this path answers CONNECTs, and so refuses (the refusal and flood scenarios).

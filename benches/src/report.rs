@@ -402,60 +402,67 @@ pub fn render(results: &Results, date: &str) -> String {
 fn render_cpu(out: &mut String, results: &Results, peers: &[PeerKind]) {
     let cpus = results.machine.cpus;
     let mut rows: Vec<(String, BTreeMap<PeerKind, String>)> = Vec::new();
-    let mut add = |metric: String, values: BTreeMap<PeerKind, String>| {
-        if !values.is_empty() {
-            rows.push((metric, values));
+    // One scenario's three rows: the proxy's and the load side's CPU per unit of work (from
+    // `cost`), and how busy the machine was. The direct path has no proxy, so no proxy figure.
+    let mut group = |labels: [String; 3],
+                     samples: Vec<(PeerKind, &Sample)>,
+                     cost: fn(&Sample) -> Option<(f64, f64)>,
+                     decimals: usize| {
+        let values = |f: &dyn Fn(&Sample) -> Option<String>| {
+            samples
+                .iter()
+                .filter_map(|(k, s)| f(s).map(|v| (*k, v)))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let [proxy, load, busy] = labels;
+        let cells = [
+            values(&|s| {
+                let (p, _) = cost(s)?;
+                (p > 0.0).then(|| format!("{p:.decimals$}"))
+            }),
+            values(&|s| cost(s).map(|(_, l)| format!("{l:.decimals$}"))),
+            values(&|s| s.machine_busy(cpus).map(|b| format!("{:.0} %", b * 100.0))),
+        ];
+        for (metric, values) in [proxy, load, busy].into_iter().zip(cells) {
+            if !values.is_empty() {
+                rows.push((metric, values));
+            }
         }
     };
-    let busy = |s: &Sample| s.machine_busy(cpus).map(|b| format!("{:.0} %", b * 100.0));
     for &c in &results.plan.tunnel_concurrency {
-        let at = |f: &dyn Fn(&Sample) -> Option<String>| column(&results.tunnel, c, f);
-        add(
-            format!("proxy CPU µs per tunnel, concurrency {c}"),
-            at(&|s| {
-                let (proxy, _) = s.cpu_us_per_op()?;
-                (proxy > 0.0).then(|| format!("{proxy:.0}"))
-            }),
+        group(
+            [
+                format!("proxy CPU µs per tunnel, concurrency {c}"),
+                format!("load generator + echo CPU µs per tunnel, concurrency {c}"),
+                format!("machine busy, concurrency {c}"),
+            ],
+            at(&results.tunnel, c),
+            Sample::cpu_us_per_op,
+            0,
         );
-        add(
-            format!("load generator + echo CPU µs per tunnel, concurrency {c}"),
-            at(&|s| s.cpu_us_per_op().map(|(_, load)| format!("{load:.0}"))),
-        );
-        add(format!("machine busy, concurrency {c}"), at(&busy));
     }
     for &n in &results.plan.bulk_tunnels {
-        let at = |f: &dyn Fn(&Sample) -> Option<String>| column(&results.bulk, n, f);
-        add(
-            format!("proxy CPU s per GiB echoed, {n} bulk tunnel(s)"),
-            at(&|s| {
-                let (proxy, _) = s.cpu_secs_per_gib()?;
-                (proxy > 0.0).then(|| format!("{proxy:.2}"))
-            }),
+        group(
+            [
+                format!("proxy CPU s per GiB echoed, {n} bulk tunnel(s)"),
+                format!("load generator + echo CPU s per GiB, {n} bulk tunnel(s)"),
+                format!("machine busy, {n} bulk tunnel(s)"),
+            ],
+            at(&results.bulk, n),
+            Sample::cpu_secs_per_gib,
+            2,
         );
-        add(
-            format!("load generator + echo CPU s per GiB, {n} bulk tunnel(s)"),
-            at(&|s| s.cpu_secs_per_gib().map(|(_, load)| format!("{load:.2}"))),
-        );
-        add(format!("machine busy, {n} bulk tunnel(s)"), at(&busy));
     }
-    let refusals: BTreeMap<(usize, PeerKind), Sample> = results
-        .deny
-        .iter()
-        .map(|(k, s)| ((0, *k), s.clone()))
-        .collect();
-    add(
-        "proxy CPU µs per refusal".into(),
-        column(&refusals, 0, &|s| {
-            s.cpu_us_per_op().map(|(proxy, _)| format!("{proxy:.0}"))
-        }),
+    group(
+        [
+            "proxy CPU µs per refusal".into(),
+            "load generator CPU µs per refusal".into(),
+            "machine busy, refusals".into(),
+        ],
+        results.deny.iter().map(|(k, s)| (*k, s)).collect(),
+        Sample::cpu_us_per_op,
+        0,
     );
-    add(
-        "load generator CPU µs per refusal".into(),
-        column(&refusals, 0, &|s| {
-            s.cpu_us_per_op().map(|(_, load)| format!("{load:.0}"))
-        }),
-    );
-    add("machine busy, refusals".into(), column(&refusals, 0, &busy));
     if rows.is_empty() {
         return;
     }
@@ -479,16 +486,12 @@ fn render_cpu(out: &mut String, results: &Results, peers: &[PeerKind]) {
     }
 }
 
-/// `f` of each peer's sample at scenario parameter `param` (a concurrency or a tunnel count).
-fn column(
-    samples: &BTreeMap<(usize, PeerKind), Sample>,
-    param: usize,
-    f: &dyn Fn(&Sample) -> Option<String>,
-) -> BTreeMap<PeerKind, String> {
+/// Each peer's sample at scenario parameter `param` (a concurrency or a tunnel count).
+fn at(samples: &BTreeMap<(usize, PeerKind), Sample>, param: usize) -> Vec<(PeerKind, &Sample)> {
     samples
         .iter()
         .filter(|((p, _), _)| *p == param)
-        .filter_map(|((_, k), s)| f(s).map(|v| (*k, v)))
+        .map(|((_, k), s)| (*k, s))
         .collect()
 }
 

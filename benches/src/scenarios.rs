@@ -195,15 +195,29 @@ pub async fn tunnel_rate(
     concurrency: usize,
     duration: Duration,
 ) -> Sample {
+    closed_loop(concurrency, duration, move || {
+        let hello = hello.clone();
+        async move { open_tunnel(route, echo, &hello).await }
+    })
+    .await
+}
+
+/// `concurrency` workers, each running `op` back to back until `duration` is over.
+async fn closed_loop<F, Fut, T>(concurrency: usize, duration: Duration, op: F) -> Sample
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send,
+    T: Send,
+{
     let started = Instant::now();
     let deadline = started + duration;
     let mut set = JoinSet::new();
     for _ in 0..concurrency {
-        let hello = hello.clone();
+        let op = op.clone();
         set.spawn(async move {
             let mut sample = Sample::default();
             while Instant::now() < deadline {
-                run_op(&mut sample, open_tunnel(route, echo, &hello)).await;
+                run_op(&mut sample, op()).await;
             }
             sample
         });
@@ -293,19 +307,7 @@ pub async fn http(
 
 /// Denial cost: `concurrency` workers ask for tunnels to the denied host as fast as refused.
 pub async fn denials(proxy: SocketAddr, concurrency: usize, duration: Duration) -> Sample {
-    let started = Instant::now();
-    let deadline = started + duration;
-    let mut set = JoinSet::new();
-    for _ in 0..concurrency {
-        set.spawn(async move {
-            let mut sample = Sample::default();
-            while Instant::now() < deadline {
-                run_op(&mut sample, denied_connect(proxy)).await;
-            }
-            sample
-        });
-    }
-    join_all(set, started).await
+    closed_loop(concurrency, duration, move || denied_connect(proxy)).await
 }
 
 /// Allowed tunnel rate at `concurrency` while a paced flood of `per_sec` denied CONNECTs hits

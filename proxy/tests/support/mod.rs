@@ -27,6 +27,14 @@ use tokio::net::{TcpListener, TcpStream};
 pub const T: Duration = Duration::from_secs(10);
 
 /// A running paude-proxy binary, killed when dropped.
+/// Open file descriptors by kind, from `/proc/PID/fd`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FdCount {
+    pub sockets: usize,
+    pub pipes: usize,
+    pub other: usize,
+}
+
 pub struct Proxy {
     child: Child,
     pub addr: SocketAddr,
@@ -114,11 +122,30 @@ impl Proxy {
         self.stderr.lock().unwrap().clone()
     }
 
-    /// How many file descriptors the proxy process has open.
-    pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .expect("/proc is mounted")
-            .count()
+    /// The proxy's open file descriptors above its standard streams, counted by what they are.
+    pub fn fds_by_kind(&self) -> FdCount {
+        let mut count = FdCount::default();
+        let dir =
+            std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).expect("/proc is mounted");
+        for entry in dir.flatten() {
+            let fd: u32 = entry.file_name().to_string_lossy().parse().unwrap_or(0);
+            if fd <= 2 {
+                continue;
+            }
+            // A descriptor closed between the listing and the readlink is not counted.
+            let Ok(link) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy();
+            if link.starts_with("socket:") {
+                count.sockets += 1;
+            } else if link.starts_with("pipe:") {
+                count.pipes += 1;
+            } else {
+                count.other += 1;
+            }
+        }
+        count
     }
 
     /// How many threads the proxy process runs.

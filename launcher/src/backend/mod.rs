@@ -19,6 +19,7 @@ use crate::cli::{BackendKind, Global};
 use crate::plan::Plan;
 use crate::spec::SessionName;
 
+pub mod isolation;
 pub mod openshift;
 pub mod podman;
 

@@ -34,6 +34,7 @@ use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
+use super::isolation::{self, ApiAddr, Engine};
 use super::{Backend, ExecOutput, Progress, SessionInfo, SessionState};
 use crate::cli::{BackendKind, Global};
 use crate::images::ImagePlan;
@@ -69,8 +70,40 @@ pub struct Podman {
 struct Connection {
     /// The bollard client.
     docker: Docker,
+    /// The same API's address, for the libpod requests bollard cannot make.
+    addr: ApiAddr,
+    /// Which engine answered.
+    engine: Engine,
     /// The `podman system service` this command started; killed when the command ends.
     _service: Option<Service>,
+}
+
+impl Connection {
+    /// A connection to an engine that answered a ping; asks which engine it is.
+    async fn new(docker: Docker, addr: ApiAddr, service: Option<Service>) -> Result<Connection> {
+        let version = docker
+            .version()
+            .await
+            .context("the engine answered a ping but not GET /version")?
+            .version
+            .unwrap_or_default();
+        // Only Podman serves the libpod API; a Docker engine answers 404.
+        let podman = matches!(
+            isolation::libpod(&addr, hyper::Method::GET, "/_ping", None).await,
+            Ok((200, _))
+        );
+        let engine = if podman {
+            Engine::Podman { version }
+        } else {
+            Engine::Docker { version }
+        };
+        Ok(Connection {
+            docker,
+            addr,
+            engine,
+            _service: service,
+        })
+    }
 }
 
 /// A `podman system service` child process with its private socket directory.
@@ -98,8 +131,23 @@ impl Podman {
 
     /// The API client, connecting (or starting the API service) on first use.
     async fn docker(&self) -> Result<&Docker> {
-        let conn = self.conn.get_or_try_init(connect).await?;
-        Ok(&conn.docker)
+        Ok(&self.connection().await?.docker)
+    }
+
+    /// The connection, opened on first use.
+    async fn connection(&self) -> Result<&Connection> {
+        self.conn.get_or_try_init(connect).await
+    }
+
+    /// Refuses engines whose networks cannot keep the agent inside: Docker before the fix of
+    /// its internal networks' DNS forwarding.
+    async fn require_safe_engine(&self) -> Result<()> {
+        if let Engine::Docker { version } = &self.connection().await?.engine {
+            if let Some(why) = isolation::docker_refusal(version) {
+                bail!("{why}");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -123,10 +171,10 @@ async fn connect() -> Result<Connection> {
         if !answers(&docker).await {
             bail!("the engine at DOCKER_HOST={host} does not answer: start it, or unset DOCKER_HOST to let paude-launch start podman's API service");
         }
-        return Ok(Connection {
-            docker,
-            _service: None,
-        });
+        let addr = ApiAddr::from_docker_host(&host).with_context(|| {
+            format!("cannot use DOCKER_HOST={host}: paude-launch speaks to unix:// and tcp:// addresses")
+        })?;
+        return Connection::new(docker, addr, None).await;
     }
     let mut candidates = Vec::new();
     if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR") {
@@ -137,10 +185,7 @@ async fn connect() -> Result<Connection> {
         if std::path::Path::new(path).exists() {
             if let Ok(docker) = Docker::connect_with_unix(path, API_TIMEOUT_SECS, &API_VERSION) {
                 if answers(&docker).await {
-                    return Ok(Connection {
-                        docker,
-                        _service: None,
-                    });
+                    return Connection::new(docker, ApiAddr::Unix(path.into()), None).await;
                 }
             }
         }
@@ -198,10 +243,7 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
         if socket.exists() {
             if let Ok(docker) = Docker::connect_with_unix(&url, API_TIMEOUT_SECS, &API_VERSION) {
                 if answers(&docker).await {
-                    return Ok(Connection {
-                        docker,
-                        _service: Some(service),
-                    });
+                    return Connection::new(docker, ApiAddr::Unix(socket), Some(service)).await;
                 }
             }
         }
@@ -305,6 +347,20 @@ fn label_map(l: BTreeMap<String, String>) -> HashMap<String, String> {
     l.into_iter().collect()
 }
 
+/// The agent's sysctls that turn IPv6 off, when this machine has IPv6 at all (with IPv6
+/// disabled at boot the sysctls do not exist, and the agent has no IPv6 anyway; the start-up
+/// check proves it either way).
+fn ipv6_off() -> Option<HashMap<String, String>> {
+    std::path::Path::new("/proc/sys/net/ipv6")
+        .exists()
+        .then(|| {
+            isolation::IPV6_OFF
+                .iter()
+                .map(|k| ((*k).to_owned(), "1".to_owned()))
+                .collect()
+        })
+}
+
 /// The address the proxy gets on the internal network: the second host of its subnet (the
 /// first is the bridge's gateway address).
 pub fn proxy_address(subnet: &IpNet) -> Result<IpAddr> {
@@ -349,7 +405,7 @@ pub fn render_plan(plan: &Plan) -> String {
         ));
     }
     line(format!(
-        "network {} (internal: no route out, no DNS forwarding; the agent's only network)",
+        "network {} (internal: no route out, DNS off, no address on the host; the agent's only network)",
         n.internal_network
     ));
     if n.owns_egress_network {
@@ -387,7 +443,15 @@ pub fn render_plan(plan: &Plan) -> String {
     let a = &plan.agent_container;
     line(format!("container {}", n.agent));
     line(format!("  image:     {}", plan.agent_image.reference()));
-    line(format!("  network:   {} only", n.internal_network));
+    line(format!(
+        "  network:   {} only, IPv6 off, /etc/hosts: localhost and itself",
+        n.internal_network
+    ));
+    line(
+        "  start:     the agent waits until a check from inside its container finds no way out \
+         but the proxy"
+            .to_owned(),
+    );
     line(format!(
         "  command:   {} (in tmux session paude)",
         shlex::try_join(a.argv.iter().map(String::as_str)).unwrap_or_default()
@@ -585,8 +649,14 @@ impl Podman {
             "creating networks and volume of session {}",
             plan.name
         ));
-        // The agent's side has no route out (`internal`); the proxy's outbound side does.
-        let mut networks = vec![(&n.internal_network, true, Role::InternalNetwork)];
+        // The agent's side has no route out (`internal`) and, on Podman, no DNS server and no
+        // address on the host (see isolation.rs); the proxy's outbound side has a route out.
+        let mut networks = Vec::new();
+        if let Engine::Podman { .. } = self.connection().await?.engine {
+            self.create_internal_network(plan).await?;
+        } else {
+            networks.push((&n.internal_network, true, Role::InternalNetwork));
+        }
         if n.owns_egress_network {
             networks.push((&n.egress_network, false, Role::EgressNetwork));
         }
@@ -714,6 +784,12 @@ impl Podman {
                     .cpu_millis
                     .and_then(|m| i64::try_from(m * 1_000_000).ok()),
                 mounts: Some(mounts),
+                sysctls: ipv6_off(),
+                // The start gate: empty at every start, writable only by root.
+                tmpfs: Some(HashMap::from([(
+                    isolation::GATE_DIR.to_owned(),
+                    "rw,nosuid,nodev,noexec,size=64k,mode=0755".to_owned(),
+                )])),
                 ..Default::default()
             }),
             networking_config: Some(NetworkingConfig {
@@ -741,7 +817,132 @@ impl Podman {
             .start_container(&n.agent, None)
             .await
             .with_context(|| format!("cannot start container {}", n.agent))?;
+        let took = self.check_and_release(&plan.name).await?;
+        progress.step(format!(
+            "checked that the agent's only way out is its proxy ({} ms)",
+            took.as_millis()
+        ));
         Ok(())
+    }
+
+    /// Creates the agent's internal network through the libpod API: internal, DNS off, no
+    /// IPv6. The compatible API cannot turn Podman's DNS server off.
+    async fn create_internal_network(&self, plan: &Plan) -> Result<()> {
+        let conn = self.connection().await?;
+        let name = &plan.names.internal_network;
+        let body = isolation::internal_network_body(
+            name,
+            &label_map(plan.labels_for(Role::InternalNetwork)),
+        );
+        let (status, reply) = isolation::libpod(
+            &conn.addr,
+            hyper::Method::POST,
+            "/networks/create",
+            Some(&body),
+        )
+        .await
+        .with_context(|| format!("cannot create network {name}"))?;
+        if !(200..300).contains(&status) {
+            bail!(
+                "cannot create network {name}: podman answered {status}: {}",
+                isolation::error_message(&reply)
+            );
+        }
+        if reply["dns_enabled"].as_bool() != Some(false)
+            || reply["internal"].as_bool() != Some(true)
+        {
+            bail!(
+                "podman created network {name} with DNS on or a route out ({reply}): this podman \
+                 ignores --disable-dns, so the agent would have a way out; upgrade podman"
+            );
+        }
+        Ok(())
+    }
+
+    /// The start-up check: proves from inside the running agent container that nothing but the
+    /// proxy answers (see netcheck.sh), then writes the agent's /etc/hosts and opens the gate
+    /// the agent waits behind. On a leak it stops the session and fails with what leaked.
+    /// Returns how long it took.
+    async fn check_and_release(&self, name: &SessionName) -> Result<Duration> {
+        let started = tokio::time::Instant::now();
+        let docker = self.docker().await?;
+        let agent = format!("paude-{name}-agent");
+        let internal = format!("paude-{name}-internal");
+        let info = docker
+            .inspect_container(&agent, None)
+            .await
+            .with_context(|| format!("cannot inspect {agent}"))?;
+        let endpoint = info
+            .network_settings
+            .and_then(|s| s.networks)
+            .and_then(|mut nets| nets.remove(&internal))
+            .with_context(|| format!("{agent} is not on {internal}"))?;
+        let agent_ip: std::net::Ipv4Addr = endpoint
+            .ip_address
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .with_context(|| format!("{agent} has no IPv4 address on {internal}"))?;
+        let prefix = endpoint.ip_prefix_len.unwrap_or(24);
+        let subnet: IpNet = format!("{agent_ip}/{prefix}")
+            .parse::<IpNet>()
+            .map(|n| n.trunc())
+            .with_context(|| format!("{agent} reports a bad prefix length {prefix}"))?;
+        let proxy_ip = proxy_address(&subnet)?;
+        let mut argv = vec![
+            "bash".to_owned(),
+            "-c".to_owned(),
+            isolation::NETCHECK_SCRIPT.to_owned(),
+            "paude-netcheck".to_owned(),
+        ];
+        argv.extend(isolation::netcheck_args(
+            &subnet, agent_ip, proxy_ip, PROXY_PORT, &agent,
+        )?);
+        let user = format!("{}:{}", plan::AGENT_UID, plan::AGENT_GID);
+        let (exec_id, exec) = self
+            .exec_in(&agent, &user, None, &argv, false, false)
+            .await?;
+        let out = self.collect(&exec_id, exec).await?;
+        let findings = isolation::netcheck_findings(&String::from_utf8_lossy(&out.stdout));
+        let refusal = match findings {
+            Ok(found) if found.is_empty() => None,
+            Ok(found) => Some(format!(
+                "the start-up check found a way out of session {name} other than its proxy:\n  - {}",
+                found.join("\n  - ")
+            )),
+            Err(e) => Some(format!("{e:#}")),
+        };
+        if let Some(why) = refusal {
+            let _ = self.stop(name).await;
+            bail!(
+                "{why}\nthe session was stopped before the agent ran; this engine's network setup \
+                 does not isolate the agent (see the README's verified engines), so fix it before \
+                 `paude-launch start {name}`"
+            );
+        }
+        let hosts = isolation::hosts_file(agent_ip, &name.to_string());
+        let argv: Vec<String> = [
+            "sh",
+            "-c",
+            "printf '%s' \"$1\" > /etc/hosts && mkdir -p \"$2\" && : > \"$3\"",
+            "paude-release",
+            &hosts,
+            isolation::GATE_DIR,
+            isolation::GATE_FILE,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let (exec_id, exec) = self
+            .exec_in(&agent, "0:0", None, &argv, false, false)
+            .await?;
+        let out = self.collect(&exec_id, exec).await?;
+        if out.code != 0 {
+            let _ = self.stop(name).await;
+            bail!(
+                "cannot prepare the agent of session {name} ({}): the session was stopped",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(started.elapsed())
     }
 
     /// Copies files into a container (created or running) at their absolute paths.
@@ -916,6 +1117,76 @@ impl Podman {
         }
     }
 
+    /// The `status` lines on isolation: the internal network's facts and the agent's IPv6.
+    async fn network_details(&self, name: &SessionName, found: &Found) -> Vec<(String, String)> {
+        let Ok(conn) = self.connection().await else {
+            return Vec::new();
+        };
+        let internal = format!("paude-{name}-internal");
+        let libpod = match conn.engine {
+            Engine::Podman { .. } => {
+                match isolation::libpod(
+                    &conn.addr,
+                    hyper::Method::GET,
+                    &format!("/networks/{internal}/json"),
+                    None,
+                )
+                .await
+                {
+                    Ok((200, v)) => Some(v),
+                    _ => None,
+                }
+            }
+            Engine::Docker { .. } => None,
+        };
+        let compat_internal = match &libpod {
+            Some(_) => None,
+            None => conn
+                .docker
+                .inspect_network(&internal, None)
+                .await
+                .ok()
+                .and_then(|n| n.internal),
+        };
+        let engine = match &conn.engine {
+            Engine::Podman { version } => format!("podman {version}"),
+            Engine::Docker { version } => format!("docker {version}"),
+        };
+        let mut details = vec![
+            ("engine".to_owned(), engine),
+            (
+                "network".to_owned(),
+                isolation::network_facts(&internal, libpod.as_ref(), compat_internal),
+            ),
+        ];
+        // The engines do not report sysctls in their inspect output, so the agent's IPv6 is
+        // read from inside it, like the start-up check does.
+        let ipv6 = match &found.agent {
+            Some(a) if is_running(a) => {
+                let argv = ["cat", "/proc/net/if_inet6"].map(str::to_owned);
+                match self.exec_capture(name, &argv).await {
+                    Ok(out) => {
+                        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                        let addrs: Vec<&str> = text
+                            .lines()
+                            .filter(|l| !l.trim_end().ends_with(" lo"))
+                            .filter_map(|l| l.split_whitespace().last())
+                            .collect();
+                        if addrs.is_empty() {
+                            "off".to_owned()
+                        } else {
+                            format!("ON ({})", addrs.join(", "))
+                        }
+                    }
+                    Err(_) => "unknown (the agent did not answer)".to_owned(),
+                }
+            }
+            _ => "checked at every start".to_owned(),
+        };
+        details.push(("agent ipv6".to_owned(), ipv6));
+        details
+    }
+
     /// Runs a command in the running agent container, attached as asked.
     async fn exec(
         &self,
@@ -1043,6 +1314,7 @@ impl Backend for Podman {
     }
 
     async fn ensure_images(&self, plan: &Plan, progress: Progress) -> Result<()> {
+        self.require_safe_engine().await?;
         let docker = self.docker().await?;
         let images = plan
             .base_build
@@ -1060,6 +1332,7 @@ impl Backend for Podman {
     }
 
     async fn create(&self, plan: &Plan, progress: Progress) -> Result<()> {
+        self.require_safe_engine().await?;
         if self.any_object(&plan.name).await? {
             bail!(
                 "session {} already exists: attach with `paude-launch connect {}` or remove it with `paude-launch delete {} --confirm`",
@@ -1090,6 +1363,7 @@ impl Backend for Podman {
     }
 
     async fn start(&self, name: &SessionName) -> Result<()> {
+        self.require_safe_engine().await?;
         let found = self.find(name).await?;
         let docker = self.docker().await?;
         let (Some(proxy), Some(agent)) = (&found.proxy, &found.agent) else {
@@ -1110,6 +1384,13 @@ impl Backend for Podman {
                 .await
                 .with_context(|| format!("cannot start {c}"))?;
         }
+        // Every start is checked, a running agent's too: its gate may still be closed (the
+        // container was started by other means), and the engine may have changed since.
+        let took = self.check_and_release(name).await?;
+        Progress { verbose: false }.step(format!(
+            "checked that the agent's only way out is its proxy ({} ms)",
+            took.as_millis()
+        ));
         Ok(())
     }
 
@@ -1173,7 +1454,10 @@ impl Backend for Podman {
 
     async fn status(&self, name: &SessionName) -> Result<SessionInfo> {
         let found = self.find(name).await?;
-        Ok(self.info(name.clone(), &found).await)
+        let mut info = self.info(name.clone(), &found).await;
+        info.details
+            .extend(self.network_details(name, &found).await);
+        Ok(info)
     }
 
     async fn connect(&self, name: &SessionName) -> Result<()> {

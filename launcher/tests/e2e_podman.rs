@@ -616,6 +616,22 @@ async fn exercise_session(
         }
         .await,
     );
+    let agent_view = support::isolation::Agent {
+        container: &agent,
+        internal: &internal,
+        proxy_ip: &session.proxy_ip,
+        hostname: &name,
+    };
+    let canary = format!("paude-canary-{name}.test");
+    support::isolation::no_way_out(checks, &agent_view, &canary, None).await;
+    checks.record(
+        "status shows the internal network's facts: internal, DNS off, its subnet",
+        async {
+            let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
+            support::isolation::status_shows_the_network(&status, &internal).await
+        }
+        .await,
+    );
     checks.record(
         "the metadata address fails directly and gets 403 through the proxy",
         async {
@@ -921,6 +937,10 @@ async fn exercise_session(
         .await,
     );
     checks.record(
+        "start refuses a session whose network leaks, and stops it",
+        start_refuses_a_leak(launcher, &session, &internal).await,
+    );
+    checks.record(
         "delete --confirm leaves no container, network or volume",
         async {
             launcher
@@ -938,6 +958,94 @@ async fn exercise_session(
             expect_refusal(&out, &[&name])
         }
         .await,
+    );
+    Ok(())
+}
+
+/// A DNS server that answers every query with an error, for a stranger on a session's network.
+const ROGUE_DNS: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+print("rogue listening", flush=True)
+while True:
+    query, peer = s.recvfrom(512)
+    s.sendto(query[:2] + b"\x81\x83" + query[4:], peer)
+"#;
+
+/// Puts a DNS server on the session's internal network (what a netavark gateway or any other
+/// machine on the subnet would be), then `start` must refuse with what it found and leave the
+/// session stopped; without the stranger the session starts again.
+async fn start_refuses_a_leak(
+    launcher: &Launcher,
+    session: &Session,
+    internal: &str,
+) -> Result<()> {
+    let name = &session.name;
+    let rogue = format!("paude-e2e-rogue-{name}");
+    let label = format!("{}=1", support::SUITE_LABEL);
+    // The last address of the subnet: the engine hands out the first ones, and the proxy's is
+    // free while it is stopped.
+    let net = inspect("network", internal).await?;
+    let subnet: ipnet::Ipv4Net = net["subnets"][0]["subnet"]
+        .as_str()
+        .context("the internal network shows no subnet")?
+        .parse()?;
+    let rogue_ip = subnet
+        .hosts()
+        .last()
+        .context("the subnet has no host")?
+        .to_string();
+    launcher.ok(&["stop", name], COMMAND_LIMIT).await?;
+    let result = async {
+        podman_ok(
+            [
+                "run",
+                "-d",
+                "--name",
+                &rogue,
+                "--label",
+                &label,
+                "--network",
+                internal,
+                "--ip",
+                &rogue_ip,
+                "--entrypoint",
+                "python3",
+                support::UPSTREAM_IMAGE,
+                "-c",
+                ROGUE_DNS,
+            ],
+            COMMAND_LIMIT,
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !podman_ok(["logs", &rogue], COMMAND_LIMIT)
+            .await?
+            .contains("rogue listening")
+        {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the rogue DNS server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let out = launcher.run(&["start", name], COMMAND_LIMIT).await?;
+        expect_refusal(&out, &["way out", "DNS server answers", &rogue_ip, name])?;
+        ensure!(
+            !Session::is_running(&session.agent).await?
+                && !Session::is_running(&session.proxy).await?,
+            "the leaking session was left running"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = podman_ok(["rm", "-f", "-t", "0", &rogue], COMMAND_LIMIT).await;
+    result?;
+    launcher.ok(&["start", name], COMMAND_LIMIT).await?;
+    ensure!(
+        Session::is_running(&session.agent).await?,
+        "the session did not start again"
     );
     Ok(())
 }
@@ -1327,5 +1435,167 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         }
         .await,
     );
+    checks.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_netavark_session_has_no_way_out() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        support::netavark::require_netavark()?;
+        support::prepare_images().await?;
+        let suffix = support::unique_suffix();
+        let name = format!("e2e-nv-{suffix}");
+        let dir = tempfile::tempdir()?;
+        let mut args = base_create_args(&name);
+        args.extend(["--allowed-domains".into(), ALLOWED_HOST.into()]);
+
+        // The session's images, made in the system's state when missing there and copied over:
+        // nothing is built under the netavark state's fake resolver.
+        let system = Launcher::new(None, dir.path())?;
+        let mut dry = args.clone();
+        dry.push("--dry-run".into());
+        let dry: Vec<&str> = dry.iter().map(String::as_str).collect();
+        let mut images =
+            support::netavark::images_of_dry_run(&system.ok(&dry, COMMAND_LIMIT).await?.stdout);
+        ensure!(images.len() == 2, "the dry run names no images: {images:?}");
+        let mut have_all = true;
+        for image in &images {
+            have_all &= run(
+                support::podman(["image", "exists", image]),
+                COMMAND_LIMIT,
+                None,
+            )
+            .await?
+            .success();
+        }
+        if !have_all {
+            let prep = format!("e2e-nvprep-{suffix}");
+            let _prep_guard = SessionGuard(prep.clone());
+            let mut prep_args = base_create_args(&prep);
+            prep_args.extend(["--allowed-domains".into(), ALLOWED_HOST.into()]);
+            let prep_args: Vec<&str> = prep_args.iter().map(String::as_str).collect();
+            system.ok(&prep_args, CREATE_LIMIT).await?;
+            system
+                .ok(&["delete", &prep, "--confirm"], COMMAND_LIMIT)
+                .await?;
+        }
+        images.extend([BASE_IMAGE.to_owned(), support::UPSTREAM_IMAGE.to_owned()]);
+
+        let active = support::netavark::activate(&suffix, &images).await?;
+        let backend = podman_ok(
+            ["info", "--format", "{{.Host.NetworkBackend}}"],
+            COMMAND_LIMIT,
+        )
+        .await?;
+        ensure!(
+            backend.trim() == "netavark",
+            "the private state runs {backend}"
+        );
+        let _guard = SessionGuard(name.clone());
+        let upstream = Upstream::start(&suffix).await?;
+        let service = ApiService::start(&suffix).await?;
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        for host in [ALLOWED_HOST, DENIED_HOST] {
+            args.push("--proxy-resolve".into());
+            args.push(format!("{host}={}", upstream.ip));
+        }
+        args.extend([
+            "--proxy-allow-cidr".into(),
+            upstream.subnet.clone(),
+            "--egress-network".into(),
+            upstream.network.clone(),
+        ]);
+        let create: Vec<&str> = args.iter().map(String::as_str).collect();
+        let created = launcher.ok(&create, CREATE_LIMIT).await?;
+        eprintln!("create printed:\n{}{}", created.stdout, created.stderr);
+
+        let agent = format!("paude-{name}-agent");
+        let proxy = format!("paude-{name}-proxy");
+        let internal = format!("paude-{name}-internal");
+        let proxy_ip = inspect("container", &proxy).await?["NetworkSettings"]["Networks"]
+            [&internal]["IPAddress"]
+            .as_str()
+            .context("the proxy has no address on the internal network")?
+            .to_owned();
+        let session = Session {
+            name: name.clone(),
+            agent: agent.clone(),
+            proxy: proxy.clone(),
+            proxy_ip: proxy_ip.clone(),
+        };
+        checks.record(
+            "on netavark the proxy still answers and still refuses",
+            async {
+                expect_upstream(
+                    &session,
+                    "http://allowed.test/netavark",
+                    "http",
+                    ALLOWED_HOST,
+                )
+                .await?;
+                expect_forward_denied(&session, "http://denied.test/").await
+            }
+            .await,
+        );
+        let agent_view = support::isolation::Agent {
+            container: &agent,
+            internal: &internal,
+            proxy_ip: &proxy_ip,
+            hostname: &name,
+        };
+        let canary = format!("paude-canary-{name}.test");
+        support::isolation::no_way_out(&mut checks, &agent_view, &canary, Some(&active.resolver))
+            .await;
+        checks.record(
+            "status shows the internal network's facts: internal, DNS off, its subnet",
+            async {
+                let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
+                support::isolation::status_shows_the_network(&status, &internal).await
+            }
+            .await,
+        );
+        checks.record(
+            "start refuses a session whose network leaks, and stops it",
+            start_refuses_a_leak(&launcher, &session, &internal).await,
+        );
+        checks.record(
+            "delete --confirm leaves nothing of the session in the netavark state",
+            async {
+                launcher
+                    .ok(&["delete", &name, "--confirm"], COMMAND_LIMIT)
+                    .await?;
+                let left = session_objects(&name).await?;
+                ensure!(left.is_empty(), "left behind: {left:?}");
+                Ok(())
+            }
+            .await,
+        );
+        checks.record(
+            "no packet left the test's subnets and the fake resolver was never asked",
+            async {
+                let escaped = active.escaped_packets()?;
+                ensure!(
+                    escaped == 0,
+                    "the guard dropped {escaped} packets leaving the test's subnets"
+                );
+                let asked = support::netavark::settled_queries(&active.resolver).await;
+                ensure!(
+                    asked.is_empty(),
+                    "the fake resolver was asked for {asked:?}"
+                );
+                Ok(())
+            }
+            .await,
+        );
+        drop(service);
+        drop(upstream);
+        drop(_guard);
+        drop(active);
+        Ok(())
+    }
+    .await;
+    checks.record("the netavark session was created and exercised", result);
     checks.finish();
 }

@@ -18,6 +18,9 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+pub mod isolation;
+pub mod netavark;
+
 /// The local base image of both the agent and the proxy image in the suite.
 pub const BASE_IMAGE: &str = "localhost/paude-test-base:bookworm";
 /// The upstream server's image, built from `tests/podman/upstream`.
@@ -156,14 +159,30 @@ pub fn proxy_binary() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A `podman` command under the suite's configuration.
+/// A `podman` command under the suite's configuration: the system's Podman state (CNI), or
+/// while a test holds a [`netavark::State`], that private state inside its mount namespace.
 pub fn podman<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut cmd = Command::new("podman");
-    cmd.env("CONTAINERS_CONF", containers_conf()).args(args);
+    let mut cmd = match netavark::current() {
+        Some(state) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(state.mount_namespace())
+                .arg("--")
+                .arg("podman")
+                .env("CONTAINERS_CONF", &state.containers_conf)
+                .env("CONTAINERS_STORAGE_CONF", &state.storage_conf);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new("podman");
+            cmd.env("CONTAINERS_CONF", containers_conf());
+            cmd
+        }
+    };
+    cmd.args(args);
     cmd
 }
 
@@ -253,11 +272,20 @@ pub fn force_remove_session(name: &str) {
     blocking_cleanup(&script);
 }
 
-/// Runs a cleanup script synchronously (from `Drop`), bounded by coreutils `timeout`.
+/// Runs a cleanup script synchronously (from `Drop`), bounded by coreutils `timeout`, against
+/// the Podman state [`podman`] uses.
 fn blocking_cleanup(script: &str) {
-    let status = std::process::Command::new("timeout")
-        .args(["120", "sh", "-c", script])
-        .env("CONTAINERS_CONF", containers_conf())
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.arg("120");
+    match netavark::current() {
+        Some(state) => cmd
+            .args(["nsenter", &state.mount_namespace(), "--"])
+            .env("CONTAINERS_CONF", &state.containers_conf)
+            .env("CONTAINERS_STORAGE_CONF", &state.storage_conf),
+        None => cmd.env("CONTAINERS_CONF", containers_conf()),
+    };
+    let status = cmd
+        .args(["sh", "-c", script])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -309,11 +337,13 @@ impl Upstream {
         };
         let limit = Duration::from_secs(60);
         let label = format!("{SUITE_LABEL}=1");
+        // No DNS server either: with netavark one would forward names to the host's resolvers.
         podman_ok(
             [
                 "network",
                 "create",
                 "--internal",
+                "--disable-dns",
                 "--label",
                 &label,
                 &network,

@@ -1599,3 +1599,158 @@ async fn a_netavark_session_has_no_way_out() {
     checks.record("the netavark session was created and exercised", result);
     checks.finish();
 }
+
+/// A Docker engine of this machine's own (Debian's docker.io) on private directories and a
+/// private socket, with no bridge and no iptables rules, so it touches neither the host's
+/// network nor Podman; stopped and removed when dropped.
+struct Dockerd {
+    child: tokio::process::Child,
+    dir: PathBuf,
+    host: String,
+}
+
+impl Dockerd {
+    async fn start(suffix: &str) -> Result<Dockerd> {
+        support::require_tools(&["dockerd", "containerd"]).context(
+            "the Docker engine test needs dockerd: apt-get install -y docker.io (the list .ci/run installs)",
+        )?;
+        let dir = PathBuf::from(format!("/var/tmp/paude-e2e-docker-{suffix}"));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("docker.sock");
+        let host = format!("unix://{}", socket.display());
+        let child = Command::new("dockerd")
+            .arg(format!("--data-root={}", dir.join("data").display()))
+            .arg(format!("--exec-root={}", dir.join("exec").display()))
+            .arg(format!("--pidfile={}", dir.join("docker.pid").display()))
+            .args(["-H", &host])
+            .args(["--bridge=none", "--iptables=false", "--ip-masq=false"])
+            .arg("--log-level=error")
+            .kill_on_drop(true)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start dockerd")?;
+        let dockerd = Dockerd { child, dir, host };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if socket.exists() {
+                let docker = bollard::Docker::connect_with_unix(
+                    &dockerd.host,
+                    10,
+                    bollard::API_DEFAULT_VERSION,
+                )?;
+                if docker.ping().await.is_ok() {
+                    return Ok(dockerd);
+                }
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "dockerd did not answer on {} within 60 s",
+                dockerd.host
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn client(&self) -> Result<bollard::Docker> {
+        Ok(bollard::Docker::connect_with_unix(
+            &self.host,
+            30,
+            bollard::API_DEFAULT_VERSION,
+        )?)
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM lets dockerd stop its containerd; then whatever is left goes.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+            for _ in 0..100 {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_engine_whose_internal_dns_forwards_is_refused() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        let suffix = support::unique_suffix();
+        let dockerd = Dockerd::start(&suffix).await?;
+        let docker = dockerd.client()?;
+        let version = docker.version().await?.version.unwrap_or_default();
+        let dir = tempfile::tempdir()?;
+        let launcher = Launcher::new(Some(dockerd.host.clone()), dir.path())?;
+        let name = format!("e2e-dk-{suffix}");
+        let mut args = base_create_args(&name);
+        args.extend(["--allowed-domains".into(), ALLOWED_HOST.into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        checks.record(
+            &format!("create on Docker {version} is refused, naming the fixed versions and why"),
+            async {
+                let out = launcher.run(&args, COMMAND_LIMIT).await?;
+                expect_refusal(&out, &["26.0.0", "CVE-2024-29018", &version, "Podman"])
+            }
+            .await,
+        );
+        checks.record(
+            "start on that engine is refused the same way",
+            async {
+                let out = launcher.run(&["start", &name], COMMAND_LIMIT).await?;
+                expect_refusal(&out, &["26.0.0", "CVE-2024-29018"])
+            }
+            .await,
+        );
+        checks.record(
+            "the refused engine got no image, network, volume or container",
+            async {
+                let images = docker.list_images(None::<bollard::query_parameters::ListImagesOptions>).await?;
+                let networks: Vec<String> = docker
+                    .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+                    .await?
+                    .into_iter()
+                    .filter_map(|n| n.name)
+                    .filter(|n| !["bridge", "host", "none"].contains(&n.as_str()))
+                    .collect();
+                let volumes = docker.list_volumes(None::<bollard::query_parameters::ListVolumesOptions>).await?;
+                let containers = docker
+                    .list_containers(Some(
+                        bollard::query_parameters::ListContainersOptionsBuilder::new()
+                            .all(true)
+                            .build(),
+                    ))
+                    .await?;
+                ensure!(
+                    images.is_empty()
+                        && networks.is_empty()
+                        && volumes.volumes.unwrap_or_default().is_empty()
+                        && containers.is_empty(),
+                    "the engine holds images {images:?}, networks {networks:?}, containers {containers:?}"
+                );
+                let listed = launcher.ok(&["list"], COMMAND_LIMIT).await?;
+                ensure!(
+                    !listed.stdout.contains(&name),
+                    "list shows the refused session: {}",
+                    listed.stdout
+                );
+                Ok(())
+            }
+            .await,
+        );
+        Ok(())
+    }
+    .await;
+    checks.record("the Docker engine was started and asked", result);
+    checks.finish();
+}

@@ -316,20 +316,6 @@ async fn eventually_denied(session: &Session, url: &str) -> Result<()> {
     }
 }
 
-/// A DNS query (`probe.paude.invalid`, type A) sent with bash's /dev/udp to every resolver in
-/// the agent's resolv.conf; prints `answered NS` for any resolver that replies and
-/// `tcp-open NS` for any that accepts a TCP connection on port 53.
-const DNS_PROBE: &str = r#"
-q='\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x05paude\x07invalid\x00\x00\x01\x00\x01'
-for ns in $(awk '/^nameserver/ {print $2}' /etc/resolv.conf); do
-  echo "resolver $ns"
-  reply=$(timeout 4 bash -c "exec 3<>/dev/udp/$ns/53 && printf '$q' >&3 && head -c 12 <&3 | od -An -tx1" 2>/dev/null)
-  [ -n "$reply" ] && echo "answered $ns"
-  timeout 4 bash -c "exec 3<>/dev/tcp/$ns/53" 2>/dev/null && echo "tcp-open $ns"
-done
-echo probe-done
-"#;
-
 /// All checks of one session: network isolation first, then changes, then the lifecycle.
 async fn exercise_session(
     checks: &mut Checks,
@@ -594,44 +580,7 @@ async fn exercise_session(
         }
         .await,
     );
-    checks.record(
-        "DNS for outside names fails and no resolver is reachable",
-        async {
-            for host in ["probe.paude.invalid", ALLOWED_HOST] {
-                let out = session.sh(&format!("getent hosts {host}")).await?;
-                // Status 2: the name was not found (not a missing tool or a crash).
-                ensure!(
-                    out.code == Some(2),
-                    "the agent resolved {host}: {}",
-                    out.stdout.trim()
-                );
-            }
-            let out = session.sh_ok(DNS_PROBE).await?;
-            ensure!(out.contains("probe-done"), "the probe did not run: {out}");
-            ensure!(
-                !out.contains("answered") && !out.contains("tcp-open"),
-                "a resolver is reachable from the agent:\n{out}"
-            );
-            Ok(())
-        }
-        .await,
-    );
-    let agent_view = support::isolation::Agent {
-        container: &agent,
-        internal: &internal,
-        proxy_ip: &session.proxy_ip,
-        hostname: &name,
-    };
-    let canary = format!("paude-canary-{name}.test");
-    support::isolation::no_way_out(checks, &agent_view, &canary, None).await;
-    checks.record(
-        "status shows the internal network's facts: internal, DNS off, its subnet",
-        async {
-            let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
-            support::isolation::status_shows_the_network(&status, &internal).await
-        }
-        .await,
-    );
+    no_way_out_but_the_proxy(checks, launcher, &session, &internal, None).await;
     checks.record(
         "the metadata address fails directly and gets 403 through the proxy",
         async {
@@ -960,6 +909,35 @@ async fn exercise_session(
         .await,
     );
     Ok(())
+}
+
+/// The isolation checks of a running session (support/isolation.rs) and its `status` facts.
+async fn no_way_out_but_the_proxy(
+    checks: &mut Checks,
+    launcher: &Launcher,
+    session: &Session,
+    internal: &str,
+    resolver: Option<&support::netavark::FakeResolver>,
+) {
+    let agent = support::isolation::Agent {
+        container: &session.agent,
+        internal,
+        proxy_ip: &session.proxy_ip,
+        hostname: &session.name,
+    };
+    let canary = format!("paude-canary-{}.test", session.name);
+    support::isolation::no_way_out(checks, &agent, &canary, resolver).await;
+    checks.record(
+        "status shows the internal network's facts: internal, DNS off, its subnet",
+        async {
+            let status = launcher
+                .ok(&["status", &session.name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            support::isolation::status_shows_the_network(&status, internal).await
+        }
+        .await,
+    );
 }
 
 /// A DNS server that answers every query with an error, for a stranger on a session's network.
@@ -1539,23 +1517,14 @@ async fn a_netavark_session_has_no_way_out() {
             }
             .await,
         );
-        let agent_view = support::isolation::Agent {
-            container: &agent,
-            internal: &internal,
-            proxy_ip: &proxy_ip,
-            hostname: &name,
-        };
-        let canary = format!("paude-canary-{name}.test");
-        support::isolation::no_way_out(&mut checks, &agent_view, &canary, Some(&active.resolver))
-            .await;
-        checks.record(
-            "status shows the internal network's facts: internal, DNS off, its subnet",
-            async {
-                let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
-                support::isolation::status_shows_the_network(&status, &internal).await
-            }
-            .await,
-        );
+        no_way_out_but_the_proxy(
+            &mut checks,
+            &launcher,
+            &session,
+            &internal,
+            Some(&active.resolver),
+        )
+        .await;
         checks.record(
             "start refuses a session whose network leaks, and stops it",
             start_refuses_a_leak(&launcher, &session, &internal).await,

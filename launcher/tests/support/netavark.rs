@@ -225,36 +225,14 @@ pub async fn activate(suffix: &str, images: &[String]) -> Result<Active> {
         inside.stdout
     );
 
-    for args in [
-        vec!["-t", "mangle", "-N", &guard],
-        vec![
-            "-t",
-            "mangle",
-            "-A",
-            &guard,
-            "-s",
-            SUBNET_POOL,
-            "!",
-            "-d",
-            SUBNET_POOL,
-            "-j",
-            "DROP",
-        ],
-        vec![
-            "-t",
-            "mangle",
-            "-A",
-            &guard,
-            "-s",
-            DEFAULT_SUBNET,
-            "!",
-            "-d",
-            DEFAULT_SUBNET,
-            "-j",
-            "DROP",
-        ],
-        vec!["-t", "mangle", "-I", "FORWARD", "1", "-j", &guard],
-    ] {
+    let mut rules = vec![vec!["-t", "mangle", "-N", &guard]];
+    for subnet in [SUBNET_POOL, DEFAULT_SUBNET] {
+        rules.push(vec![
+            "-t", "mangle", "-A", &guard, "-s", subnet, "!", "-d", subnet, "-j", "DROP",
+        ]);
+    }
+    rules.push(vec!["-t", "mangle", "-I", "FORWARD", "1", "-j", &guard]);
+    for args in rules {
         let mut cmd = Command::new("iptables");
         cmd.args(&args);
         run(cmd, Duration::from_secs(30), None)

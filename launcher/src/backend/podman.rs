@@ -1,8 +1,10 @@
 //! The Podman backend: applies a [`Plan`] through the Docker-compatible API with bollard, so
-//! the same code drives a Docker engine. It owns the connection (an existing socket, or a
-//! `podman system service` it starts for the duration of the command), the image builds, and
-//! the session's objects: an internal network (no route out, the agent's only network), an
-//! egress network, the proxy container on both, the agent container, and the data volume.
+//! the same code drives a Docker engine (plus the few libpod calls of `isolation.rs` on
+//! Podman). It owns the connection (an existing socket, or a `podman system service` it starts
+//! for the duration of the command), the image builds, and the session's objects: an internal
+//! network (no route out, no DNS, the agent's only network), an egress network, the proxy
+//! container on both, the agent container (started behind the start-up check), and the data
+//! volume.
 //!
 //! Invariant: every object carries the session's labels; nothing else records that a session
 //! exists.

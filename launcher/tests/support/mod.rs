@@ -257,6 +257,15 @@ pub async fn paude_images() -> Result<BTreeSet<String>> {
         .collect())
 }
 
+/// The image references a `--dry-run` of create prints (`image REF (what)` lines).
+pub fn images_of_dry_run(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("image "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Removes every object of a session by label and name, whatever the launcher left; used by
 /// the suite's cleanup so a failed run does not leak into the next one.
 pub fn force_remove_session(name: &str) {

@@ -364,15 +364,6 @@ fn question(msg: &[u8]) -> Option<(String, usize)> {
     (end <= msg.len()).then(|| (labels.join("."), end))
 }
 
-/// The image references a `--dry-run` of create prints (`image REF (what)` lines).
-pub fn images_of_dry_run(out: &str) -> Vec<String> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("image "))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Waits a moment for a query that may still be on its way, then returns the names asked.
 pub async fn settled_queries(resolver: &FakeResolver) -> BTreeSet<String> {
     tokio::time::sleep(Duration::from_secs(1)).await;

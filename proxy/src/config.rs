@@ -185,8 +185,7 @@ pub fn load(cli: &Cli) -> anyhow::Result<Loaded> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            toml::from_str::<FileConfig>(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))?
+            parse_config_file(path, &text, cli)?
         }
         None => FileConfig::default(),
     };
@@ -198,6 +197,34 @@ pub fn load(cli: &Cli) -> anyhow::Result<Loaded> {
         groups,
         policy,
     })
+}
+
+/// Parses the config file. A file that states no allowlist (empty, only comments, no `allow`
+/// key or an empty list, and no `--allow` flag) is refused: it is what a non-atomic writer
+/// leaves for a moment, and taking it would fall back to the `default` groups, widening a
+/// narrower allowlist on a reload.
+pub fn parse_config_file(path: &Path, text: &str, cli: &Cli) -> anyhow::Result<FileConfig> {
+    let what_to_write = "write the settings, at least the allowlist, e.g. allow = [\"default\"]";
+    let has_setting = text.lines().any(|line| {
+        let line = line.trim();
+        !line.is_empty() && !line.starts_with('#')
+    });
+    if !has_setting {
+        bail!(
+            "{} is empty or holds only comments, which is not a configuration; {what_to_write}",
+            path.display()
+        );
+    }
+    let file = toml::from_str::<FileConfig>(text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))?;
+    if file.allow.is_empty() && cli.allow.is_empty() {
+        bail!(
+            "{} names no allow rule (no allow key, or an empty list); {what_to_write}, or \
+             pass --allow",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
@@ -439,6 +466,35 @@ mod tests {
             vec![("a.test".to_owned(), IpAddr::from([127, 0, 0, 1]))]
         );
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 3128)));
+    }
+
+    #[test]
+    fn a_config_file_that_states_no_allowlist_is_refused() {
+        let path = Path::new("/etc/p/proxy.toml");
+        let none = Cli::default();
+        for text in [
+            "",
+            " \n\n",
+            "# allow = ['x']\n",
+            "allow = []\n",
+            "listen = '127.0.0.1:1'\n",
+        ] {
+            let err = parse_config_file(path, text, &none)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("/etc/p/proxy.toml ") && err.contains("allow = [\"default\"]"),
+                "{text:?}: {err}"
+            );
+        }
+        assert!(parse_config_file(path, "allow = ['github']\n", &none).is_ok());
+        // The allowlist may come from the flags instead.
+        let flags = Cli {
+            allow: vec!["github".into()],
+            ..Default::default()
+        };
+        assert!(parse_config_file(path, "listen = '127.0.0.1:1'\n", &flags).is_ok());
+        assert!(parse_config_file(path, "# only comments\n", &flags).is_err());
     }
 
     #[test]

@@ -157,6 +157,15 @@ fn parse_group(path: &str, text: &str) -> Result<Group, PolicyError> {
         }
         group.items.push((lineno, item.to_owned()));
     }
+    // An empty or comment-only file is what a writer leaves for a moment, not a group: taking
+    // it would silently shrink or change the allowlist on a reload.
+    if group.items.is_empty() {
+        return Err(PolicyError::new(
+            path,
+            "the file names no pattern (it is empty or holds only comments); write one pattern \
+             per line, such as .example.com, or remove the file",
+        ));
+    }
     Ok(group)
 }
 
@@ -442,6 +451,13 @@ impl Policy {
         };
         for item in allow_items {
             policy.add_item("allow", item, groups)?;
+        }
+        if policy.allow.rules.is_empty() {
+            return Err(PolicyError::new(
+                format!("--allow '{}'", allow_items.join("' --allow '")),
+                "the allowlist allows nothing (its groups include each other and name no \
+                 pattern); add patterns to a group, or allow another one such as default",
+            ));
         }
         for item in &settings.deny {
             policy.add_item("deny", item, groups)?;
@@ -849,6 +865,31 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "dir/mine.txt:4: pattern '*.com' matches every host under 'com'; name a registered domain such as '*.example.com'");
+    }
+
+    #[test]
+    fn files_and_allowlists_that_name_nothing_are_refused() {
+        for text in [
+            "",
+            "\n  \n",
+            "# description: x\n# aliases: y\n",
+            "  # a.com\n",
+        ] {
+            let err = Groups::parse([("dir/x.txt", text)]).unwrap_err();
+            assert_eq!(err.location, "dir/x.txt", "{text:?}");
+            assert!(err.message.contains("names no pattern"), "{text:?}: {err}");
+        }
+        let cycle = Groups::parse([("d/a.txt", "@b\n"), ("d/b.txt", "@a\n")]).unwrap();
+        let err = Policy::compile(
+            &cycle,
+            &PolicySettings {
+                allow: vec!["a".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.location, "--allow 'a'");
+        assert!(err.message.contains("allows nothing"), "{err}");
     }
 
     #[test]

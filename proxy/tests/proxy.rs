@@ -1760,3 +1760,161 @@ async fn two_embedded_proxies_on_one_thread_never_share_an_upstream_pool() {
     stop_open.cancel();
     stop_guarded.cancel();
 }
+
+/// Sends SIGHUP and waits until the proxy has refused `refused` reloads in all; true if it did.
+fn hup_and_wait_for_refusal(proxy: &Proxy, refused: usize) -> bool {
+    proxy.signal("HUP");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let seen = proxy
+            .stderr()
+            .matches("keeping the policy in force")
+            .count();
+        if seen >= refused || std::time::Instant::now() > deadline {
+            return seen == refused;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A CONNECT to `host:443` and the reason it was refused with. `pypi.org` is pinned to
+/// loopback in these tests, so "allowed by the policy" shows as `loopback_address` without
+/// anything being dialled, and "not on the allowlist" as `not_allowed`.
+async fn refusal_reason(proxy: std::net::SocketAddr, host: &str) -> Option<String> {
+    let out = raw(proxy, &connect_head(&format!("{host}:443"), "")).await;
+    header(&out, "x-paude-deny").map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_comment_only_config_never_replaces_the_policy() {
+    let dns = nxdomain_server().await.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "allow = ['only.test']\n").unwrap();
+    let config_arg = config.to_str().unwrap();
+    let guard = [
+        "--resolve",
+        "pypi.org=127.0.0.1",
+        "--dns-server",
+        dns.as_str(),
+    ];
+    let mut args = vec!["--config", config_arg, "--watch-interval", "0"];
+    args.extend(guard);
+    let proxy = Proxy::start(&args);
+    assert_eq!(
+        refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+        Some("not_allowed")
+    );
+    // What an editor or a non-atomic writer leaves for a moment, and files that state no
+    // allowlist at all: none of them is a policy.
+    let not_policies = [
+        "",
+        "\n\n   \n",
+        "# allow = ['default']\n# written later\n",
+        "allow = []\n",
+        "header_timeout = '10s'\n",
+    ];
+    for (i, text) in not_policies.iter().enumerate() {
+        std::fs::write(&config, text).unwrap();
+        assert!(
+            hup_and_wait_for_refusal(&proxy, i + 1),
+            "{text:?} must be refused: {}",
+            proxy.stderr()
+        );
+        assert_eq!(
+            refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+            Some("not_allowed"),
+            "after {text:?} the old allowlist stays: {}",
+            proxy.stderr()
+        );
+    }
+    assert!(
+        proxy.stderr().contains("allow = [\"default\"]"),
+        "the error says what to write: {}",
+        proxy.stderr()
+    );
+
+    // The watcher sees a truncated file the same way.
+    std::fs::write(&config, "allow = ['only.test']\n").unwrap();
+    let mut args = vec!["--config", config_arg, "--watch-interval", "100ms"];
+    args.extend(guard);
+    let watched = Proxy::start(&args);
+    std::fs::write(&config, "").unwrap();
+    assert!(
+        watched.wait_for_stderr("reload failed (files changed)"),
+        "{}",
+        watched.stderr()
+    );
+    assert_eq!(
+        refusal_reason(watched.addr, "pypi.org").await.as_deref(),
+        Some("not_allowed")
+    );
+
+    // The start refuses the same files, saying what to write.
+    for text in not_policies {
+        std::fs::write(&config, text).unwrap();
+        let (code, _, err) = run_binary(&["--check", "--config", config_arg]);
+        assert_eq!(code, 2, "{text:?} must not start: {err}");
+        assert!(
+            err.contains("proxy.toml") && err.contains("allow = [\"default\"]"),
+            "{text:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_that_allows_nothing_is_refused_and_the_old_policy_stays() {
+    let dns = nxdomain_server().await.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.txt");
+    std::fs::write(&file, "# description: mine\npypi.org\n").unwrap();
+    let policies = dir.path().to_str().unwrap();
+    let proxy = Proxy::start(&[
+        "--policies",
+        policies,
+        "--allow",
+        "mine",
+        "--watch-interval",
+        "0",
+        "--resolve",
+        "pypi.org=127.0.0.1",
+        "--dns-server",
+        &dns,
+    ]);
+    assert_eq!(
+        refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+        Some("loopback_address"),
+        "allowed by the policy, refused by the address guard"
+    );
+    let cycle = dir.path().join("loop.txt");
+    let not_policies = [
+        ("mine.txt", "".to_owned()),
+        ("mine.txt", "# description: mine\n# pypi.org\n".to_owned()),
+        // Groups that include each other and name no pattern compile to an empty allowlist.
+        ("mine.txt", "# description: mine\n@loop\n".to_owned()),
+    ];
+    std::fs::write(&cycle, "# description: loop\n@mine\n").unwrap();
+    for (i, (name, text)) in not_policies.iter().enumerate() {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        assert!(
+            hup_and_wait_for_refusal(&proxy, i + 1),
+            "{text:?} must be refused: {}",
+            proxy.stderr()
+        );
+        assert_eq!(
+            refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+            Some("loopback_address"),
+            "after {text:?} the old policy stays"
+        );
+        let (code, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+        assert_eq!(code, 2, "{text:?} must not start: {err}");
+    }
+    let (_, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+    assert!(err.contains("allows nothing"), "{err}");
+    std::fs::write(&file, "").unwrap();
+    let (_, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+    assert!(
+        err.contains("mine.txt") && err.contains("one pattern per line"),
+        "{err}"
+    );
+}

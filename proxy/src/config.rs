@@ -56,6 +56,10 @@ pub struct Cli {
     /// Validate everything, print the effective allowlist and exit
     #[arg(long)]
     pub check: bool,
+    /// With --check: once the checks pass, rename the --config file to PATH (same directory),
+    /// so a proxy watching PATH never reads a half-written file
+    #[arg(long, value_name = "PATH", requires_all = ["check", "config"])]
+    pub install_as: Option<PathBuf>,
     /// Log format on stderr [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -225,6 +229,38 @@ pub fn parse_config_file(path: &Path, text: &str, cli: &Cli) -> anyhow::Result<F
         );
     }
     Ok(file)
+}
+
+/// Puts a checked config file in place of `dest` with one rename(2), so a proxy that watches or
+/// re-reads `dest` sees the old file or the new one, never a partly written one. Both must be in
+/// the same directory: a relative `policies` path keeps its meaning, and the rename cannot cross
+/// file systems.
+pub fn install(source: &Path, dest: &Path) -> anyhow::Result<()> {
+    let dir = |p: &Path| {
+        p.parent()
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            })
+            .and_then(|d| d.canonicalize().ok())
+    };
+    if dir(source).is_none() || dir(source) != dir(dest) {
+        bail!(
+            "--install-as {} must name a file in the directory of --config {}",
+            dest.display(),
+            source.display()
+        );
+    }
+    std::fs::rename(source, dest).with_context(|| {
+        format!(
+            "cannot install {} as {}; nothing was changed",
+            source.display(),
+            dest.display()
+        )
+    })
 }
 
 fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {

@@ -1918,3 +1918,57 @@ async fn a_policy_file_that_allows_nothing_is_refused_and_the_old_policy_stays()
         "{err}"
     );
 }
+
+#[test]
+fn check_with_install_as_puts_a_valid_config_in_place_in_one_rename() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let candidate = dir.path().join("candidate.toml");
+    std::fs::write(&config, "allow = ['github']\n").unwrap();
+    let install = |candidate: &std::path::Path| {
+        run_binary(&[
+            "--check",
+            "--config",
+            candidate.to_str().unwrap(),
+            "--install-as",
+            config.to_str().unwrap(),
+        ])
+    };
+    // A candidate the proxy would refuse changes nothing.
+    for bad in ["", "allow = ['*.com']\n"] {
+        std::fs::write(&candidate, bad).unwrap();
+        let (code, _, err) = install(&candidate);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            "allow = ['github']\n"
+        );
+        assert!(candidate.exists());
+    }
+    // A valid one replaces it by a rename: the file in force is the candidate's inode.
+    std::fs::write(&candidate, "allow = ['pypi']\n").unwrap();
+    let inode = std::fs::metadata(&candidate).unwrap().ino();
+    let (code, out, err) = install(&candidate);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("installed"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "allow = ['pypi']\n"
+    );
+    assert_eq!(std::fs::metadata(&config).unwrap().ino(), inode);
+    assert!(!candidate.exists());
+    // Another directory would change what a relative policies path means.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = elsewhere.path().join("c.toml");
+    std::fs::write(&other, "allow = ['pypi']\n").unwrap();
+    let (code, _, err) = install(&other);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("must name a file in the directory of --config"),
+        "{err}"
+    );
+    let (code, _, err) = run_binary(&["--install-as", config.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--check") && err.contains("--config"), "{err}");
+}

@@ -858,21 +858,7 @@ async fn the_admin_listener_serves_metrics_health_and_policy() {
 
 /// A DNS server on loopback that answers every query with NXDOMAIN.
 async fn nxdomain_server() -> std::net::SocketAddr {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            if n < 12 {
-                continue;
-            }
-            let mut reply = buf[..n].to_vec();
-            reply[2] = 0x80 | (reply[2] & 0x01); // QR, keep RD
-            reply[3] = 0x80 | 0x03; // RA, NXDOMAIN
-            let _ = socket.send_to(&reply, from).await;
-        }
-    });
-    addr
+    dns_server(None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1971,4 +1957,100 @@ fn check_with_install_as_puts_a_valid_config_in_place_in_one_rename() {
     let (code, _, err) = run_binary(&["--install-as", config.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("--check") && err.contains("--config"), "{err}");
+}
+
+/// A port that was free a moment ago, so a test can name it in flags before the proxy binds it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_form_of_the_proxy_s_own_address_is_dialled_whatever_allow_cidr_says() {
+    // A DNS server that answers 0.0.0.0, as a rebinding attacker's would.
+    let dns = dns_server(Some(std::net::Ipv4Addr::UNSPECIFIED))
+        .await
+        .to_string();
+    for listen_ip in ["127.0.0.1", "0.0.0.0", "[::]"] {
+        let (port, admin_port) = (free_port(), free_port());
+        let listen = format!("{listen_ip}:{port}");
+        let admin = format!("127.0.0.1:{admin_port}");
+        // Every way of writing "this host" a pin, a literal or a DNS answer can give.
+        let forms = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+            "::127.0.0.1",
+        ];
+        let mut flags: Vec<String> = [
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+            "--allow-cidr",
+            "0.0.0.0/0",
+            "--allow-cidr",
+            "::/0",
+            "--allow-client",
+            "127.0.0.0/8",
+            "--allow-client",
+            "::1/128",
+            "--dns-server",
+            &dns,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        for p in [port, admin_port] {
+            flags.extend(["--allow".to_owned(), format!(".self.test:{p}")]);
+            flags.extend(["--allow".to_owned(), format!("dns.test:{p}")]);
+            for ip in forms {
+                let literal = if ip.contains(':') {
+                    format!("[{ip}]:{p}")
+                } else {
+                    format!("{ip}:{p}")
+                };
+                flags.extend(["--allow".to_owned(), literal]);
+            }
+        }
+        for (i, ip) in forms.iter().enumerate() {
+            flags.extend(["--resolve".to_owned(), format!("h{i}.self.test={ip}")]);
+        }
+        let proxy = Proxy::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+        for p in [port, admin_port] {
+            let mut targets: Vec<String> = (0..forms.len())
+                .map(|i| format!("h{i}.self.test:{p}"))
+                .collect();
+            targets.push(format!("dns.test:{p}"));
+            for ip in forms {
+                targets.push(if ip.contains(':') {
+                    format!("[{ip}]:{p}")
+                } else {
+                    format!("{ip}:{p}")
+                });
+            }
+            for target in &targets {
+                let out = raw(proxy.addr, &connect_head(target, "")).await;
+                assert_eq!(
+                    header(&out, "x-paude-deny"),
+                    Some("proxy_address"),
+                    "listening on {listen}: CONNECT {target} must be refused: {out}"
+                );
+                let get = format!(
+                    "GET http://{target}/policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                );
+                let out = raw(proxy.addr, get.as_bytes()).await;
+                assert_eq!(
+                    header(&out, "x-paude-deny"),
+                    Some("proxy_address"),
+                    "listening on {listen}: GET http://{target}/policy must be refused: {out}"
+                );
+            }
+        }
+    }
 }

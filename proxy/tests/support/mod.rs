@@ -592,3 +592,40 @@ pub async fn static_tls_upstream(
     });
     addr
 }
+
+/// A DNS server on loopback that answers every A query with `v4` (and AAAA with no address),
+/// or every query with NXDOMAIN when `v4` is `None`.
+pub async fn dns_server(v4: Option<std::net::Ipv4Addr>) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            // The question: labels up to the root, then type and class.
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += 1 + buf[end] as usize;
+            }
+            if end + 5 > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[end + 1], buf[end + 2]]);
+            let mut reply = buf[..end + 5].to_vec();
+            reply[2] = 0x80 | (reply[2] & 0x01); // QR, keep RD
+            reply[6..12].fill(0);
+            match v4 {
+                None => reply[3] = 0x80 | 0x03, // RA, NXDOMAIN
+                Some(ip) => {
+                    reply[3] = 0x80; // RA, NOERROR
+                    if qtype == 1 {
+                        reply[7] = 1; // one answer: the name, A, IN, TTL 60, 4 bytes
+                        reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                        reply.extend_from_slice(&ip.octets());
+                    }
+                }
+            }
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}

@@ -40,6 +40,8 @@ pub struct Metrics {
     connect: Histogram,
     reload_ok: Counter,
     reload_error: Counter,
+    /// Audit lines that could not be written (the sink did not keep up, or a write failed).
+    pub audit_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,12 @@ impl Default for Metrics {
         );
         let reload_ok = reloads.get_or_create(&[("result", "ok")]).clone();
         let reload_error = reloads.get_or_create(&[("result", "error")]).clone();
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit lines not written because the audit sink did not keep up or failed",
+            audit_dropped.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -107,6 +115,7 @@ impl Default for Metrics {
             connect,
             reload_ok,
             reload_error,
+            audit_dropped,
         }
     }
 }

@@ -40,7 +40,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(paude_proxy::start(cli, loaded))
+    let served = runtime.block_on(paude_proxy::start(cli, loaded));
+    // A write to a stdout nobody reads blocks a thread of the runtime's blocking pool for good;
+    // `start` has already given up on it, so the exit must not wait for it either.
+    runtime.shutdown_background();
+    served
 }
 
 fn init_tracing(format: LogFormat) {

@@ -2054,3 +2054,127 @@ async fn no_form_of_the_proxy_s_own_address_is_dialled_whatever_allow_cidr_says(
         }
     }
 }
+
+/// Sends `count` pipelined plain-HTTP requests to a host nobody allowed over one connection
+/// and reads the answers as they come; returns how many 403s arrived. The host name is as long
+/// as a name may be, so each refusal leaves an audit line of about 500 bytes.
+async fn refusal_flood(proxy: std::net::SocketAddr, count: usize) -> usize {
+    let stream = connect(proxy).await;
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let host = [
+            "a".repeat(61),
+            "b".repeat(61),
+            "c".repeat(61),
+            "flood.test".into(),
+        ]
+        .join(".");
+        let one = format!("GET http://{host}/ HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 100).collect();
+        for _ in 0..count / 100 {
+            write.write_all(&batch).await.unwrap();
+        }
+        write
+    });
+    let needle = b"HTTP/1.1 403";
+    let (mut seen, mut carry) = (0usize, Vec::new());
+    let mut buf = vec![0u8; 64 * 1024];
+    let work = async {
+        while seen < count / 100 * 100 {
+            let n = read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed the flood after {seen} answers");
+            carry.extend_from_slice(&buf[..n]);
+            seen += carry.windows(needle.len()).filter(|w| w == needle).count();
+            let keep = carry.len().saturating_sub(needle.len() - 1);
+            carry.drain(..keep);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), work)
+        .await
+        .expect("the flood is answered");
+    drop(writer.await.unwrap());
+    seen
+}
+
+/// The value of a metric line `name` in the admin listener's exposition.
+async fn metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = admin_get(admin, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_audit_sink_keeps_memory_bounded_and_counts_what_it_drops() {
+    let proxy = Proxy::start_with_stalled_stdout(&[
+        "--audit-log",
+        "-",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "2",
+    ]);
+    let admin = proxy.admin.unwrap();
+    // Fill the pipe and the proxy's buffers once (about 3 MB of lines, more than the pipe and
+    // the audit buffer hold), so what follows measures only growth.
+    assert_eq!(refusal_flood(proxy.addr, 6_400).await, 6_400);
+    let before = proxy.rss_kib();
+    let flood = 16_000;
+    let answered = refusal_floods(proxy.addr, 4, flood / 4).await;
+    assert_eq!(answered, flood, "every refusal is answered");
+    let after = proxy.rss_kib();
+    // 16,000 more audit lines are about 7.5 MiB: held in memory they would show here.
+    assert!(
+        after.saturating_sub(before) < 3 * 1024,
+        "RSS grew from {before} KiB to {after} KiB while the audit sink was stalled"
+    );
+    let denied = metric(
+        admin,
+        "paude_decisions_total{decision=\"deny\",reason=\"not_allowed\"}",
+    )
+    .await;
+    assert_eq!(denied, Some(22_400.0), "every refusal is counted");
+    let dropped = metric(admin, "paude_audit_dropped_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        dropped > 10_000.0,
+        "lines the sink could not take are counted: {dropped}"
+    );
+    assert!(
+        proxy.wait_for_stderr("audit log is not keeping up"),
+        "a dropped line is never silent: {}",
+        proxy.stderr()
+    );
+}
+
+/// Runs `connections` refusal floods of `each` requests at once; returns the answers seen.
+async fn refusal_floods(proxy: std::net::SocketAddr, connections: usize, each: usize) -> usize {
+    let floods: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(refusal_flood(proxy, each)))
+        .collect();
+    let mut total = 0;
+    for flood in floods {
+        total += flood.await.unwrap();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_drain_timeout_while_the_audit_sink_is_stalled() {
+    let mut proxy =
+        Proxy::start_with_stalled_stdout(&["--audit-log", "-", "--drain-timeout", "1s"]);
+    // Far more lines than the stdout pipe holds.
+    assert_eq!(refusal_flood(proxy.addr, 5_000).await, 5_000);
+    proxy.signal("TERM");
+    assert_eq!(
+        proxy.wait_exit_within(Duration::from_secs(1 + 5)),
+        Some(0),
+        "SIGTERM must stop the proxy within --drain-timeout plus a margin: {}",
+        proxy.stderr()
+    );
+    assert!(
+        proxy.stderr().contains("audit"),
+        "the lines left unwritten are reported: {}",
+        proxy.stderr()
+    );
+}

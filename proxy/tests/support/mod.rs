@@ -41,6 +41,9 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// The read end of a stdout pipe nobody reads ([`Proxy::start_with_stalled_stdout`]), kept
+    /// open so the proxy's writes block instead of failing.
+    stalled_stdout: Option<std::process::ChildStdout>,
 }
 
 impl Proxy {
@@ -49,8 +52,19 @@ impl Proxy {
         Proxy::try_start(args).unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
     }
 
+    /// Starts the binary like [`Proxy::start`], but nobody ever reads its stdout: once the pipe
+    /// is full, every write to stdout blocks (an audit log reader that stopped reading).
+    pub fn start_with_stalled_stdout(args: &[&str]) -> Proxy {
+        Proxy::try_start_with(args, false)
+            .unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
+    }
+
     /// Starts the binary, returning its stderr if it exits before listening.
     pub fn try_start(args: &[&str]) -> Result<Proxy, String> {
+        Proxy::try_start_with(args, true)
+    }
+
+    fn try_start_with(args: &[&str], read_stdout: bool) -> Result<Proxy, String> {
         let listen: &[&str] = if args.contains(&"--listen") {
             &[]
         } else {
@@ -78,14 +92,19 @@ impl Proxy {
         });
         let stdout = Arc::new(Mutex::new(String::new()));
         let out_pipe = child.stdout.take().expect("stdout is piped");
-        let out_sink = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                let mut out = out_sink.lock().unwrap();
-                out.push_str(&line);
-                out.push('\n');
-            }
-        });
+        let stalled_stdout = if read_stdout {
+            let out_sink = stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                    let mut out = out_sink.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+            None
+        } else {
+            Some(out_pipe)
+        };
         let mut addr = None;
         let mut admin = None;
         let want_admin = args.contains(&"--admin-listen");
@@ -114,7 +133,31 @@ impl Proxy {
             admin,
             stderr,
             stdout,
+            stalled_stdout,
         })
+    }
+
+    /// The proxy's resident memory now, in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc is mounted");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS is a number of kB")
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code, or `None` if it still runs.
+    pub fn wait_exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait works") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Everything the proxy wrote to stderr so far.
@@ -195,14 +238,7 @@ impl Proxy {
 
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + T;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait works") {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.wait_exit_within(T)
     }
 }
 

@@ -27,7 +27,7 @@ use crate::connect::connect;
 use crate::error::{ProxyError, Reason};
 use crate::handler::{explain, host_text, record, refuse, Body};
 use crate::host::{Host, Target};
-use crate::policy::{Decision, Via};
+use crate::policy::{Decision, Policy, Via};
 use crate::server::{Core, State};
 
 /// The pooled upstream client.
@@ -36,28 +36,45 @@ pub type Client = hyper_util::client::legacy::Client<Connector, Counted>;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
-thread_local! {
-    /// This thread's pooled client and the core it was built for.
-    static CLIENT: RefCell<Option<(Weak<Core>, Client)>> = const { RefCell::new(None) };
+/// A thread's pooled client with the core and the policy its connections were dialled under.
+struct ThreadClient {
+    core: Weak<Core>,
+    policy: Weak<Policy>,
+    client: Client,
 }
 
-/// The pooled client of the calling thread, built on first use.
+thread_local! {
+    /// This thread's pooled client.
+    static CLIENT: RefCell<Option<ThreadClient>> = const { RefCell::new(None) };
+}
+
+/// The pooled client of the calling thread for `core` under `policy`, built on first use.
 ///
 /// A pooled connection is driven by a task on the runtime that opened it, so one pool shared by
 /// the serving threads would send most requests to another thread and their responses back:
-/// two cross-thread wake-ups per request. A client is tied to its core (policy, limits, address
+/// two cross-thread wake-ups per request. A client is tied to its core (limits, address
 /// checks); a thread that serves another core gets a new one, never a client of another core.
-pub fn thread_client(core: &Arc<Core>) -> Client {
+/// It is also tied to the policy in force when its connections were dialled: their addresses
+/// were checked against that policy only, so after a reload the thread's pool is dropped (its
+/// idle connections close) and the next request dials again under the new policy.
+pub fn thread_client(core: &Arc<Core>, policy: &Arc<Policy>) -> Client {
     CLIENT.with(|cell| {
         let mut cell = cell.borrow_mut();
         match &*cell {
-            // The held `Weak` keeps its core's allocation, so the address cannot be reused.
-            Some((owner, client)) if std::ptr::eq(owner.as_ptr(), Arc::as_ptr(core)) => {
-                client.clone()
+            // The held `Weak`s keep their allocations, so the addresses cannot be reused.
+            Some(held)
+                if std::ptr::eq(held.core.as_ptr(), Arc::as_ptr(core))
+                    && std::ptr::eq(held.policy.as_ptr(), Arc::as_ptr(policy)) =>
+            {
+                held.client.clone()
             }
             _ => {
                 let client = client(core.clone());
-                *cell = Some((Arc::downgrade(core), client.clone()));
+                *cell = Some(ThreadClient {
+                    core: Arc::downgrade(core),
+                    policy: Arc::downgrade(policy),
+                    client: client.clone(),
+                });
                 client
             }
         }
@@ -163,7 +180,8 @@ pub async fn forward(
             return refuse(&state, rec, &err, method_text, &shown());
         }
     };
-    let decision = state.core.policy.load().decide(&target, Via::Http);
+    let policy = state.core.policy.load_full();
+    let decision = policy.decide(&target, Via::Http);
     let rec = record(
         started,
         peer,
@@ -225,7 +243,7 @@ pub async fn forward(
             count: up.clone(),
         },
     );
-    match thread_client(&state.core).request(request).await {
+    match thread_client(&state.core, &policy).request(request).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);

@@ -2178,3 +2178,56 @@ async fn sigterm_exits_within_the_drain_timeout_while_the_audit_sink_is_stalled(
         proxy.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_retires_pooled_upstream_connections() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    let write = |cidrs: &str| {
+        let toml = format!(
+            "allow = ['web.test:{port}']\nresolve = ['web.test=127.0.0.1']\nallow_cidr = [{cidrs}]\n"
+        );
+        std::fs::write(&config, toml).unwrap();
+    };
+    write("'127.0.0.0/8'");
+    // One serving thread, so every request meets the same pool.
+    let proxy = Proxy::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--watch-interval",
+        "0",
+        "--worker-threads",
+        "1",
+    ]);
+    let get = format!("GET http://web.test:{port}/ HTTP/1.1\r\nHost: web.test\r\n\r\n");
+    let mut kept = connect(proxy.addr).await;
+    send(&mut kept, get.as_bytes()).await;
+    let out = read_response(&mut kept).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    // The reload removes the range the pooled upstream connection lives in.
+    write("");
+    proxy.signal("HUP");
+    assert!(
+        proxy.wait_for_stderr("policy reloaded (SIGHUP)"),
+        "{}",
+        proxy.stderr()
+    );
+    send(&mut kept, get.as_bytes()).await;
+    let out = read_response(&mut kept).await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("loopback_address"),
+        "the same client connection must not reuse the pooled upstream: {out}"
+    );
+    let mut fresh = connect(proxy.addr).await;
+    send(&mut fresh, get.as_bytes()).await;
+    let out = read_response(&mut fresh).await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("loopback_address"),
+        "a new client connection must not reuse it either: {out}"
+    );
+}

@@ -203,6 +203,8 @@ fn route(core: &Core, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "rules": policy.entries(),
                 "allow_cidr": policy.allow_cidrs().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
                 "allow_opaque": policy.allow_opaque,
+                "allow_no_sni": policy.allow_no_sni,
+                "allow_ech": policy.allow_ech,
             });
             (StatusCode::OK, "application/json", format!("{json:#}\n"))
         }

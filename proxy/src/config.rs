@@ -44,6 +44,13 @@ pub struct Cli {
     /// Allow tunnels whose first bytes are not a TLS ClientHello
     #[arg(long)]
     pub allow_opaque: bool,
+    /// Allow TLS tunnels to a named host whose ClientHello carries no server name (SNI)
+    #[arg(long)]
+    pub allow_no_sni: bool,
+    /// Allow TLS tunnels whose ClientHello carries Encrypted Client Hello (ECH), whose real
+    /// server name the proxy cannot check
+    #[arg(long)]
+    pub allow_ech: bool,
     /// Write one JSON line per connection or request to PATH, or to stdout with `-`
     #[arg(long, value_name = "PATH|-")]
     pub audit_log: Option<String>,
@@ -121,6 +128,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub resolve: Vec<String>,
     pub allow_opaque: Option<bool>,
+    pub allow_no_sni: Option<bool>,
+    pub allow_ech: Option<bool>,
     pub audit_log: Option<String>,
     pub admin_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
@@ -356,6 +365,8 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
         allow_client: parse_cidrs("allow-client", &pick(&cli.allow_client, file.allow_client))?,
         resolve,
         allow_opaque: cli.allow_opaque || file.allow_opaque.unwrap_or(false),
+        allow_no_sni: cli.allow_no_sni || file.allow_no_sni.unwrap_or(false),
+        allow_ech: cli.allow_ech || file.allow_ech.unwrap_or(false),
     };
     Ok(Settings {
         listen: cli

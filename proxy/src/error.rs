@@ -39,6 +39,8 @@ pub enum Reason {
     ReservedAddress,
     ProxyAddress,
     SniMismatch,
+    SniMissing,
+    EncryptedClientHello,
     OpaqueTunnel,
     ClientNotAllowed,
     Unresolvable,
@@ -53,7 +55,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics that list them all from the start.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 27] = [
         Reason::Allowed,
         Reason::DeniedByRule,
         Reason::NotAllowed,
@@ -69,6 +71,8 @@ impl Reason {
         Reason::ReservedAddress,
         Reason::ProxyAddress,
         Reason::SniMismatch,
+        Reason::SniMissing,
+        Reason::EncryptedClientHello,
         Reason::OpaqueTunnel,
         Reason::ClientNotAllowed,
         Reason::Unresolvable,
@@ -99,6 +103,8 @@ impl Reason {
             Reason::ReservedAddress => "reserved_address",
             Reason::ProxyAddress => "proxy_address",
             Reason::SniMismatch => "sni_mismatch",
+            Reason::SniMissing => "sni_missing",
+            Reason::EncryptedClientHello => "encrypted_client_hello",
             Reason::OpaqueTunnel => "opaque_tunnel",
             Reason::ClientNotAllowed => "client_not_allowed",
             Reason::Unresolvable => "unresolvable",

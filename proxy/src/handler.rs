@@ -22,7 +22,7 @@ use crate::connect::connect;
 use crate::error::{ProxyError, Reason};
 use crate::forward::{self, AuditedBody};
 use crate::host::{Host, Target};
-use crate::policy::{Decision, Via};
+use crate::policy::{Decision, FirstBytesRules, Via};
 use crate::server::State;
 use crate::tunnel;
 
@@ -144,7 +144,7 @@ struct Opened {
     target: Target,
     upstream: TcpStream,
     record: Record,
-    allow_opaque: bool,
+    rules: FirstBytesRules,
 }
 
 /// A CONNECT that was refused: the record to finish, the error to answer with, and the target as
@@ -209,7 +209,7 @@ async fn open_tunnel(
                 target,
                 upstream,
                 record: rec,
-                allow_opaque: policy.allow_opaque,
+                rules: policy.first_bytes(),
             })
         }
         Err(error) => Err(Box::new(Refused {
@@ -243,7 +243,7 @@ async fn connect_tunnel(
             opened.upstream,
             opened.target,
             opened.record,
-            opened.allow_opaque,
+            opened.rules,
             permit,
         )
         .await;
@@ -315,7 +315,7 @@ pub async fn connect_raw(
         opened.upstream,
         opened.target,
         opened.record,
-        opened.allow_opaque,
+        opened.rules,
     )
     .await;
 }

@@ -417,6 +417,8 @@ pub struct PolicySettings {
     pub allow_client: Vec<IpNet>,
     pub resolve: Vec<(String, IpAddr)>,
     pub allow_opaque: bool,
+    pub allow_no_sni: bool,
+    pub allow_ech: bool,
 }
 
 /// A compiled, immutable policy.
@@ -428,6 +430,10 @@ pub struct Policy {
     allow_client: Vec<IpNet>,
     pins: HashMap<Box<str>, IpAddr>,
     pub allow_opaque: bool,
+    /// Tunnels to a named host may carry a ClientHello without SNI.
+    pub allow_no_sni: bool,
+    /// Tunnels may carry a ClientHello with Encrypted Client Hello.
+    pub allow_ech: bool,
     entries: Vec<Entry>,
 }
 
@@ -441,6 +447,8 @@ impl Policy {
             allow_client: settings.allow_client.clone(),
             pins: HashMap::new(),
             allow_opaque: settings.allow_opaque,
+            allow_no_sni: settings.allow_no_sni,
+            allow_ech: settings.allow_ech,
             entries: Vec::new(),
         };
         let default_items = ["default".to_owned()];
@@ -661,6 +669,26 @@ impl Policy {
     pub fn allow_cidrs(&self) -> &[IpNet] {
         &self.allow_cidr
     }
+
+    /// What the first bytes of a tunnel opened under this policy may be.
+    pub fn first_bytes(&self) -> FirstBytesRules {
+        FirstBytesRules {
+            allow_opaque: self.allow_opaque,
+            allow_no_sni: self.allow_no_sni,
+            allow_ech: self.allow_ech,
+        }
+    }
+}
+
+/// The rules for a tunnel's first bytes, taken from the policy in force when it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FirstBytesRules {
+    /// Bytes that are not a TLS ClientHello may pass (`--allow-opaque`).
+    pub allow_opaque: bool,
+    /// A ClientHello without SNI may go to a named host (`--allow-no-sni`).
+    pub allow_no_sni: bool,
+    /// A ClientHello with Encrypted Client Hello may pass (`--allow-ech`).
+    pub allow_ech: bool,
 }
 
 impl fmt::Display for Policy {

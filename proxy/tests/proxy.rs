@@ -2231,3 +2231,114 @@ async fn a_reload_retires_pooled_upstream_connections() {
         "a new client connection must not reuse it either: {out}"
     );
 }
+
+/// Opens a tunnel to `target` with `hello` pipelined behind the CONNECT head; returns what came
+/// back after the `200`: the echoed hello if the tunnel carried it, nothing if the proxy closed
+/// it (as text, which is all the comparison needs).
+async fn tunnel_echo(proxy: std::net::SocketAddr, target: &str, hello: &[u8]) -> String {
+    let mut s = connect(proxy).await;
+    let mut first = connect_head(target, "");
+    first.extend_from_slice(hello);
+    send(&mut s, &first).await;
+    let out = read_until_end(&mut s, hello).await;
+    let established = "HTTP/1.1 200 OK\r\n\r\n";
+    assert!(out.starts_with(established), "{out:?}");
+    out[established.len()..].to_owned()
+}
+
+/// An `encrypted_client_hello` extension as a ClientHelloOuter carries it (RFC 9849): real ECH
+/// and the GREASE ECH Chromium sends look the same on the wire.
+const ECH: (u16, &[u8]) = (
+    0xfe0d,
+    &[
+        0, 0, 1, 0, 1, 0x2a, 0, 4, 1, 2, 3, 4, 0, 8, 9, 9, 9, 9, 9, 9, 9, 9,
+    ],
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_whose_client_hello_does_not_name_the_connect_host_are_closed() {
+    let echo = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let named = format!("echo.test:{}", echo.port());
+    let literal = format!("127.0.0.1:{}", echo.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &named,
+            "--allow",
+            &literal,
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let with_sni = rustls_client_hello("echo.test", true);
+    let without_sni = rustls_client_hello("echo.test", false);
+    let ip_sni = handmade_client_hello(Some("127.0.0.1"), &[]);
+    let handmade = handmade_client_hello(Some("echo.test"), &[]);
+    let ech = handmade_client_hello(Some("echo.test"), &[ECH]);
+    let cases: [(&str, &str, &[u8], Option<&str>); 7] = [
+        ("a hello naming the host", &named, &with_sni, None),
+        ("a handmade hello naming it", &named, &handmade, None),
+        (
+            "a hello without SNI",
+            &named,
+            &without_sni,
+            Some("sni_missing"),
+        ),
+        ("an IP-literal SNI", &named, &ip_sni, Some("sni_mismatch")),
+        (
+            "an encrypted ClientHello",
+            &named,
+            &ech,
+            Some("encrypted_client_hello"),
+        ),
+        // An IP destination is named by the CONNECT itself; clients send no SNI for it.
+        ("no SNI to an IP literal", &literal, &without_sni, None),
+        ("the same IP as SNI", &literal, &ip_sni, None),
+    ];
+    for (what, target, hello, refused) in cases {
+        let back = tunnel_echo(proxy.addr, target, hello).await;
+        match refused {
+            None => assert_eq!(back, String::from_utf8_lossy(hello), "{what} must pass"),
+            Some(_) => assert!(back.is_empty(), "{what} must not reach the upstream"),
+        }
+    }
+    // Tunnels finish in any order; compare what was recorded as a sorted list.
+    let lines = audit_lines(&audit, cases.len());
+    let mut recorded: Vec<String> = lines
+        .iter()
+        .map(|l| format!("{} sni={} {}", l["host"], l["sni"], l["reason"]))
+        .collect();
+    recorded.sort();
+    let mut expected = vec![
+        r#""echo.test" sni="echo.test" "allowed""#,
+        r#""echo.test" sni="echo.test" "allowed""#,
+        r#""echo.test" sni=null "sni_missing""#,
+        r#""echo.test" sni="127.0.0.1" "sni_mismatch""#,
+        r#""echo.test" sni="echo.test" "encrypted_client_hello""#,
+        r#""127.0.0.1" sni=null "allowed""#,
+        r#""127.0.0.1" sni="127.0.0.1" "allowed""#,
+    ];
+    expected.sort();
+    assert_eq!(recorded, expected);
+
+    // Each refusal has its opt-out, for clients that need one.
+    let open = start(
+        &["--allow", &named, "--allow-no-sni", "--allow-ech"],
+        &loopback_pin("echo.test"),
+    );
+    assert_eq!(
+        tunnel_echo(open.addr, &named, &without_sni).await,
+        String::from_utf8_lossy(&without_sni)
+    );
+    assert_eq!(
+        tunnel_echo(open.addr, &named, &ech).await,
+        String::from_utf8_lossy(&ech)
+    );
+    assert!(
+        tunnel_echo(open.addr, &named, &ip_sni).await.is_empty(),
+        "a name that differs is refused whatever the flags"
+    );
+}

@@ -665,3 +665,63 @@ pub async fn dns_server(v4: Option<std::net::Ipv4Addr>) -> SocketAddr {
     });
     addr
 }
+
+/// A TLS 1.3 ClientHello record built by hand, for hellos no real client here sends: `sni` is
+/// written verbatim into the server_name extension (an IP literal too), or left out with
+/// `None`; `extra` extensions (type, data) follow it.
+pub fn handmade_client_hello(sni: Option<&str>, extra: &[(u16, &[u8])]) -> Vec<u8> {
+    fn u16be(out: &mut Vec<u8>, v: usize) {
+        out.extend_from_slice(&(v as u16).to_be_bytes());
+    }
+    let mut extensions: Vec<(u16, Vec<u8>)> = Vec::new();
+    if let Some(name) = sni {
+        let mut list = Vec::new();
+        u16be(&mut list, name.len() + 3);
+        list.push(0);
+        u16be(&mut list, name.len());
+        list.extend_from_slice(name.as_bytes());
+        extensions.push((0x0000, list));
+    }
+    extensions.push((0x000a, vec![0, 2, 0x00, 0x1d])); // supported_groups: x25519
+    extensions.push((0x000d, vec![0, 2, 0x08, 0x04])); // signature_algorithms: rsa_pss_sha256
+    extensions.push((0x002b, vec![2, 0x03, 0x04])); // supported_versions: TLS 1.3
+    let mut share = vec![0, 36, 0x00, 0x1d, 0, 32];
+    share.extend([7u8; 32]);
+    extensions.push((0x0033, share)); // key_share
+    extensions.extend(extra.iter().map(|(t, d)| (*t, d.to_vec())));
+    let mut body = vec![0x03, 0x03];
+    body.extend([0x5a; 32]); // random
+    body.push(0); // no legacy session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]); // TLS_AES_128_GCM_SHA256; null compression
+    let mut ext_bytes = Vec::new();
+    for (kind, data) in &extensions {
+        u16be(&mut ext_bytes, *kind as usize);
+        u16be(&mut ext_bytes, data.len());
+        ext_bytes.extend_from_slice(data);
+    }
+    u16be(&mut body, ext_bytes.len());
+    body.extend_from_slice(&ext_bytes);
+    let mut record = vec![0x16, 0x03, 0x01];
+    u16be(&mut record, body.len() + 4);
+    record.push(1); // client_hello
+    record.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    record.extend_from_slice(&body);
+    record
+}
+
+/// The first flight of a real TLS client (rustls) for `name`, with or without SNI.
+pub fn rustls_client_hello(name: &str, send_sni: bool) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    config.enable_sni = send_sni;
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}

@@ -171,10 +171,13 @@ pub async fn accept(
 ) -> anyhow::Result<()> {
     let limits = &state.core.limits;
     let mut builder = http1::Builder::new();
+    // A client may shut down its sending side once its request is complete (`nc -q`,
+    // `printf ... | nc`); HTTP/1.1 lets it, so the answer still goes out (half_close).
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes)
+        .half_close(true)
         .keep_alive(true);
     let builder = Arc::new(builder);
     loop {

@@ -2342,3 +2342,40 @@ async fn tunnels_whose_client_hello_does_not_name_the_connect_host_are_closed() 
         "a name that differs is refused whatever the flags"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let web = http_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("web.test"));
+    let requests = [
+        (
+            format!(
+                "GET http://web.test:{}/half HTTP/1.1\r\nHost: web.test\r\n\r\n",
+                web.port()
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            "GET http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n".to_owned(),
+            "HTTP/1.1 403",
+        ),
+        (
+            "CONNECT nope.test:443 HTTP/1.1\r\nHost: nope.test\r\n\r\n".to_owned(),
+            "HTTP/1.1 403",
+        ),
+    ];
+    for (request, status) in requests {
+        // As `nc -q` and `printf ... | nc` do: the whole request, then shutdown(SHUT_WR).
+        let mut s = connect(proxy.addr).await;
+        send(&mut s, request.as_bytes()).await;
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut out))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with(status), "{request:?} got {out:?}");
+    }
+}

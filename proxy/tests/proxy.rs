@@ -2379,3 +2379,80 @@ async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
         assert!(out.starts_with(status), "{request:?} got {out:?}");
     }
 }
+
+/// Sends `request` the way `nc` and `sendall`-then-`recv` scripts do: all of it first, in
+/// chunks as a network delivers them, giving up at the first failed write (the answer is never
+/// read then), then reads the answer. Blocking I/O with timeouts, on a blocking thread.
+async fn send_all_then_read(proxy: std::net::SocketAddr, request: Vec<u8>) -> String {
+    let work = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.set_write_timeout(Some(T)).unwrap();
+        for chunk in request.chunks(16 * 1024) {
+            if let Err(e) = s.write_all(chunk) {
+                return format!("the request could not be sent: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut out = Vec::new();
+        match s.read_to_end(&mut out) {
+            Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+            Err(e) => format!("the answer could not be read: {e}"),
+        }
+    });
+    tokio::time::timeout(T * 2, work).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_oversized_and_malformed_heads_arrive_while_the_client_is_still_sending() {
+    let proxy = start(&[], &[]);
+    let filler: String = (0..200 * 1024 / 20)
+        .map(|i| format!("X-Fill-{i:06}: aaaaa\r\n"))
+        .collect();
+    let cases = [
+        (
+            format!("GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n{filler}\r\n"),
+            "HTTP/1.1 431",
+        ),
+        (
+            format!("CONNECT web.test:443 HTTP/1.1\r\nHost: web.test\r\n{filler}\r\n"),
+            "HTTP/1.1 431",
+        ),
+        (
+            format!("GET http://web.test/ HTTP/1.1\r\nno colon here\r\n{filler}\r\n"),
+            "HTTP/1.1 400",
+        ),
+        (
+            format!("CONNECT web.test:443 HTTP/1.1\r\nno colon here\r\n{filler}\r\n"),
+            "HTTP/1.1 400",
+        ),
+    ];
+    // The four cases run side by side, each tried 20 times in a row.
+    let tries: Vec<_> = cases
+        .into_iter()
+        .map(|(request, status)| {
+            let proxy = proxy.addr;
+            tokio::spawn(async move {
+                assert!(request.len() > 200 * 1024);
+                let what = request[..request.find('\r').unwrap()].to_owned();
+                let mut failed = 0;
+                let mut first = None;
+                for _ in 0..20 {
+                    let out = send_all_then_read(proxy, request.clone().into_bytes()).await;
+                    if !out.starts_with(status) {
+                        failed += 1;
+                        first.get_or_insert(out[..out.len().min(80)].to_owned());
+                    }
+                }
+                (failed > 0)
+                    .then(|| format!("{what}: {failed} of 20 did not get {status}, e.g. {first:?}"))
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for case in tries {
+        failures.extend(case.await.unwrap());
+    }
+    assert!(failures.is_empty(), "200 KB heads: {failures:#?}");
+}

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -173,12 +173,17 @@ pub async fn serve(listener: TcpListener, core: Arc<Core>, shutdown: Cancellatio
             },
         };
         let core = core.clone();
+        let header_timeout = core.limits.header_timeout;
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let core = core.clone();
                 async move { Ok::<_, Infallible>(route(&core, req)) }
             });
+            // The same header timeout as the proxy listener, so a connection that sends
+            // nothing (or half a head) cannot stay open.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

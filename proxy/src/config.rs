@@ -88,6 +88,9 @@ pub struct Cli {
     /// Close a tunnel after this long without traffic either way [default: 5m]
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// Time a forwarded request body may take, plus a second per KiB received [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub body_timeout: Option<String>,
     /// Largest request head accepted, in bytes, at least 8192 [default: 65536]
     #[arg(long, value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -139,6 +142,7 @@ pub struct FileConfig {
     pub dns_timeout: Option<String>,
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub body_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub drain_timeout: Option<String>,
     #[serde(default)]
@@ -161,6 +165,8 @@ pub struct Limits {
     pub dns_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Time a forwarded request body may take to arrive, extended as it arrives.
+    pub body_timeout: Duration,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
 }
@@ -336,6 +342,12 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
             file.idle_timeout,
             Duration::from_secs(300),
         )?,
+        body_timeout: duration(
+            "body-timeout",
+            &cli.body_timeout,
+            file.body_timeout,
+            Duration::from_secs(60),
+        )?,
         max_header_bytes,
         drain_timeout: duration(
             "drain-timeout",
@@ -349,6 +361,7 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
         ("dns-timeout", limits.dns_timeout),
         ("connect-timeout", limits.connect_timeout),
         ("idle-timeout", limits.idle_timeout),
+        ("body-timeout", limits.body_timeout),
     ] {
         if d.is_zero() {
             bail!("--{name} must be longer than 0");

@@ -238,10 +238,7 @@ pub async fn forward(
     let up = Arc::new(AtomicU64::new(0));
     let request = Request::from_parts(
         parts,
-        Counted {
-            inner: body,
-            count: up.clone(),
-        },
+        Counted::new(body, up.clone(), state.core.limits.body_timeout),
     );
     match thread_client(&state.core, &policy).request(request).await {
         Ok(resp) => {
@@ -369,27 +366,74 @@ impl hyper::rt::Write for Upstream {
     }
 }
 
-/// The client's request body, counting the bytes sent upstream.
+/// How many bytes of a request body buy one more second of `--body-timeout`: a body must keep
+/// coming at least this fast once its base time is used up.
+const BODY_BYTES_PER_SECOND: u64 = 1024;
+
+/// The client's request body, counting the bytes sent upstream and bounded in time: it may take
+/// `--body-timeout`, plus a second per [`BODY_BYTES_PER_SECOND`] received, from the moment it is
+/// first read. A body trickled slower (a byte a second) fails with `body_timeout` instead of
+/// holding its connection, and its connection slot, forever.
 pub struct Counted {
     inner: Incoming,
     count: Arc<AtomicU64>,
+    /// The base time; the deadline starts when the body is first read.
+    allowed: Duration,
+    deadline: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Counted {
+    fn new(inner: Incoming, count: Arc<AtomicU64>, allowed: Duration) -> Counted {
+        Counted {
+            inner,
+            count,
+            allowed,
+            deadline: None,
+        }
+    }
 }
 
 impl hyper::body::Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let allowed = self.allowed;
+        let this = &mut *self;
+        let (started, sleep) = this.deadline.get_or_insert_with(|| {
+            let now = tokio::time::Instant::now();
+            (now, Box::pin(tokio::time::sleep_until(now + allowed)))
+        });
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this.count.fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
+                    let earned = Duration::from_secs(total / BODY_BYTES_PER_SECOND);
+                    sleep.as_mut().reset(*started + allowed + earned);
+                }
+                Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let err = ProxyError::new(
+                        Reason::BodyTimeout,
+                        format!(
+                            "the request body did not arrive in time ({allowed:?}, plus a \
+                             second per KiB received)"
+                        ),
+                    )
+                    .fix("a longer --body-timeout");
+                    Poll::Ready(Some(Err(err.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

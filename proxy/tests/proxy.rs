@@ -2456,3 +2456,108 @@ async fn refusals_of_oversized_and_malformed_heads_arrive_while_the_client_is_st
     }
     assert!(failures.is_empty(), "200 KB heads: {failures:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_body_cannot_hold_a_connection_slot_forever() {
+    let web = body_reading_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &allow,
+            "--max-connections",
+            "1",
+            "--body-timeout",
+            "1s",
+        ],
+        &loopback_pin("web.test"),
+    );
+    // A body announced as 1,000 bytes, sent one byte every 100 ms.
+    let mut slow = connect(proxy.addr).await;
+    let head = format!(
+        "POST http://web.test:{}/upload HTTP/1.1\r\nHost: web.test\r\nContent-Length: 1000\r\n\r\n",
+        web.port()
+    );
+    send(&mut slow, head.as_bytes()).await;
+    let trickle = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        for _ in 0..1000 {
+            if slow.write_all(b"x").await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    // The only slot is held by the trickle until the body timeout cuts it off.
+    let mut next = connect(proxy.addr).await;
+    let get = format!(
+        "POST http://web.test:{}/next HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        web.port()
+    );
+    send(&mut next, get.as_bytes()).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(1 + 5), next.read_to_end(&mut out))
+        .await
+        .expect("the next client is served within the body timeout plus a margin")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("got 2 bytes"),
+        "{out}"
+    );
+    let answer = tokio::time::timeout(T, trickle).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+
+    // A body that keeps coming (1 KiB every 300 ms) may take longer than the base time: each
+    // KiB earns a second.
+    let mut steady = connect(proxy.addr).await;
+    let head = format!(
+        "POST http://web.test:{}/steady HTTP/1.1\r\nHost: web.test\r\nContent-Length: 6144\r\nConnection: close\r\n\r\n",
+        web.port()
+    );
+    send(&mut steady, head.as_bytes()).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(&mut steady, &[b'y'; 1024]).await;
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(T, steady.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.ends_with("got 6144 bytes"), "{out}");
+    assert_eq!(
+        header(&answer, "x-paude-deny"),
+        Some("body_timeout"),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_closes_connections_that_send_nothing() {
+    let proxy = start(
+        &["--admin-listen", "127.0.0.1:0", "--header-timeout", "500ms"],
+        &[],
+    );
+    let admin = proxy.admin.unwrap();
+    let mut silent = connect(admin).await;
+    let mut partial = connect(admin).await;
+    send(&mut partial, b"GET /metrics HTTP/1.1\r\nHost: a").await;
+    for s in [&mut silent, &mut partial] {
+        let mut out = Vec::new();
+        tokio::time::timeout(
+            Duration::from_millis(500) + Duration::from_secs(5),
+            s.read_to_end(&mut out),
+        )
+        .await
+        .expect("closed within the header timeout plus a margin")
+        .ok();
+    }
+}

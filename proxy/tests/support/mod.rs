@@ -263,9 +263,12 @@ pub fn run_binary(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// A plain HTTP upstream on 127.0.0.1 that answers every request with its method, URI and
-/// request headers in the body.
-pub async fn http_upstream() -> SocketAddr {
+/// A plain HTTP upstream on 127.0.0.1 that answers every request with `answer`.
+pub async fn hyper_upstream<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -273,18 +276,11 @@ pub async fn http_upstream() -> SocketAddr {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service = service_fn(|req: Request<Incoming>| async move {
-                    let mut body = format!("upstream saw {} {}\n", req.method(), req.uri());
-                    for (name, value) in req.headers() {
-                        body.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
-                    }
-                    let resp = Response::builder()
-                        .header("x-upstream", "yes")
-                        .header("keep-alive", "timeout=5")
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap();
-                    Ok::<_, Infallible>(resp)
+                let service = service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -293,6 +289,23 @@ pub async fn http_upstream() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A plain HTTP upstream on 127.0.0.1 that answers every request with its method, URI and
+/// request headers in the body.
+pub async fn http_upstream() -> SocketAddr {
+    hyper_upstream(|req: Request<Incoming>| async move {
+        let mut body = format!("upstream saw {} {}\n", req.method(), req.uri());
+        for (name, value) in req.headers() {
+            body.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+        }
+        Response::builder()
+            .header("x-upstream", "yes")
+            .header("keep-alive", "timeout=5")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    })
+    .await
 }
 
 /// A TLS upstream and the CA that signed its certificate.
@@ -724,4 +737,18 @@ pub fn rustls_client_hello(name: &str, send_sni: bool) -> Vec<u8> {
     let mut out = Vec::new();
     conn.write_tls(&mut out).unwrap();
     out
+}
+
+/// A plain HTTP upstream on 127.0.0.1 that reads each request's whole body before answering
+/// with its length, as an upload endpoint does.
+pub async fn body_reading_upstream() -> SocketAddr {
+    use http_body_util::BodyExt;
+    hyper_upstream(|req: Request<Incoming>| async move {
+        let len = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => 0,
+        };
+        Response::new(Full::new(Bytes::from(format!("got {len} bytes"))))
+    })
+    .await
 }

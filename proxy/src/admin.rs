@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{header, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +40,8 @@ pub struct Metrics {
     connect: Histogram,
     reload_ok: Counter,
     reload_error: Counter,
+    /// Audit lines that could not be written (the sink did not keep up, or a write failed).
+    pub audit_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -96,6 +98,12 @@ impl Default for Metrics {
         );
         let reload_ok = reloads.get_or_create(&[("result", "ok")]).clone();
         let reload_error = reloads.get_or_create(&[("result", "error")]).clone();
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit lines not written because the audit sink did not keep up or failed",
+            audit_dropped.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -107,6 +115,7 @@ impl Default for Metrics {
             connect,
             reload_ok,
             reload_error,
+            audit_dropped,
         }
     }
 }
@@ -164,12 +173,17 @@ pub async fn serve(listener: TcpListener, core: Arc<Core>, shutdown: Cancellatio
             },
         };
         let core = core.clone();
+        let header_timeout = core.limits.header_timeout;
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let core = core.clone();
                 async move { Ok::<_, Infallible>(route(&core, req)) }
             });
+            // The same header timeout as the proxy listener, so a connection that sends
+            // nothing (or half a head) cannot stay open.
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -194,6 +208,8 @@ fn route(core: &Core, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "rules": policy.entries(),
                 "allow_cidr": policy.allow_cidrs().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
                 "allow_opaque": policy.allow_opaque,
+                "allow_no_sni": policy.allow_no_sni,
+                "allow_ech": policy.allow_ech,
             });
             (StatusCode::OK, "application/json", format!("{json:#}\n"))
         }

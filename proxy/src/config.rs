@@ -44,6 +44,13 @@ pub struct Cli {
     /// Allow tunnels whose first bytes are not a TLS ClientHello
     #[arg(long)]
     pub allow_opaque: bool,
+    /// Allow TLS tunnels to a named host whose ClientHello carries no server name (SNI)
+    #[arg(long)]
+    pub allow_no_sni: bool,
+    /// Allow TLS tunnels whose ClientHello carries Encrypted Client Hello (ECH), whose real
+    /// server name the proxy cannot check
+    #[arg(long)]
+    pub allow_ech: bool,
     /// Write one JSON line per connection or request to PATH, or to stdout with `-`
     #[arg(long, value_name = "PATH|-")]
     pub audit_log: Option<String>,
@@ -56,6 +63,10 @@ pub struct Cli {
     /// Validate everything, print the effective allowlist and exit
     #[arg(long)]
     pub check: bool,
+    /// With --check: once the checks pass, rename the --config file to PATH (same directory),
+    /// so a proxy watching PATH never reads a half-written file
+    #[arg(long, value_name = "PATH", requires_all = ["check", "config"])]
+    pub install_as: Option<PathBuf>,
     /// Log format on stderr [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -77,6 +88,9 @@ pub struct Cli {
     /// Close a tunnel after this long without traffic either way [default: 5m]
     #[arg(long, value_name = "DURATION")]
     pub idle_timeout: Option<String>,
+    /// Time a forwarded request body may take, plus a second per KiB received [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub body_timeout: Option<String>,
     /// Largest request head accepted, in bytes, at least 8192 [default: 65536]
     #[arg(long, value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -117,6 +131,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub resolve: Vec<String>,
     pub allow_opaque: Option<bool>,
+    pub allow_no_sni: Option<bool>,
+    pub allow_ech: Option<bool>,
     pub audit_log: Option<String>,
     pub admin_listen: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
@@ -126,6 +142,7 @@ pub struct FileConfig {
     pub dns_timeout: Option<String>,
     pub connect_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub body_timeout: Option<String>,
     pub max_header_bytes: Option<usize>,
     pub drain_timeout: Option<String>,
     #[serde(default)]
@@ -148,6 +165,8 @@ pub struct Limits {
     pub dns_timeout: Duration,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Time a forwarded request body may take to arrive, extended as it arrives.
+    pub body_timeout: Duration,
     pub max_header_bytes: usize,
     pub drain_timeout: Duration,
 }
@@ -185,8 +204,7 @@ pub fn load(cli: &Cli) -> anyhow::Result<Loaded> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the config file {}", path.display()))?;
-            toml::from_str::<FileConfig>(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))?
+            parse_config_file(path, &text, cli)?
         }
         None => FileConfig::default(),
     };
@@ -197,6 +215,66 @@ pub fn load(cli: &Cli) -> anyhow::Result<Loaded> {
         settings,
         groups,
         policy,
+    })
+}
+
+/// Parses the config file. A file that states no allowlist (empty, only comments, no `allow`
+/// key or an empty list, and no `--allow` flag) is refused: it is what a non-atomic writer
+/// leaves for a moment, and taking it would fall back to the `default` groups, widening a
+/// narrower allowlist on a reload.
+pub fn parse_config_file(path: &Path, text: &str, cli: &Cli) -> anyhow::Result<FileConfig> {
+    let what_to_write = "write the settings, at least the allowlist, e.g. allow = [\"default\"]";
+    let has_setting = text.lines().any(|line| {
+        let line = line.trim();
+        !line.is_empty() && !line.starts_with('#')
+    });
+    if !has_setting {
+        bail!(
+            "{} is empty or holds only comments, which is not a configuration; {what_to_write}",
+            path.display()
+        );
+    }
+    let file = toml::from_str::<FileConfig>(text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim_end()))?;
+    if file.allow.is_empty() && cli.allow.is_empty() {
+        bail!(
+            "{} names no allow rule (no allow key, or an empty list); {what_to_write}, or \
+             pass --allow",
+            path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Puts a checked config file in place of `dest` with one rename(2), so a proxy that watches or
+/// re-reads `dest` sees the old file or the new one, never a partly written one. Both must be in
+/// the same directory: a relative `policies` path keeps its meaning, and the rename cannot cross
+/// file systems.
+pub fn install(source: &Path, dest: &Path) -> anyhow::Result<()> {
+    let dir = |p: &Path| {
+        p.parent()
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    d
+                }
+            })
+            .and_then(|d| d.canonicalize().ok())
+    };
+    if dir(source).is_none() || dir(source) != dir(dest) {
+        bail!(
+            "--install-as {} must name a file in the directory of --config {}",
+            dest.display(),
+            source.display()
+        );
+    }
+    std::fs::rename(source, dest).with_context(|| {
+        format!(
+            "cannot install {} as {}; nothing was changed",
+            source.display(),
+            dest.display()
+        )
     })
 }
 
@@ -264,6 +342,12 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
             file.idle_timeout,
             Duration::from_secs(300),
         )?,
+        body_timeout: duration(
+            "body-timeout",
+            &cli.body_timeout,
+            file.body_timeout,
+            Duration::from_secs(60),
+        )?,
         max_header_bytes,
         drain_timeout: duration(
             "drain-timeout",
@@ -277,6 +361,7 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
         ("dns-timeout", limits.dns_timeout),
         ("connect-timeout", limits.connect_timeout),
         ("idle-timeout", limits.idle_timeout),
+        ("body-timeout", limits.body_timeout),
     ] {
         if d.is_zero() {
             bail!("--{name} must be longer than 0");
@@ -293,6 +378,8 @@ fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
         allow_client: parse_cidrs("allow-client", &pick(&cli.allow_client, file.allow_client))?,
         resolve,
         allow_opaque: cli.allow_opaque || file.allow_opaque.unwrap_or(false),
+        allow_no_sni: cli.allow_no_sni || file.allow_no_sni.unwrap_or(false),
+        allow_ech: cli.allow_ech || file.allow_ech.unwrap_or(false),
     };
     Ok(Settings {
         listen: cli
@@ -439,6 +526,35 @@ mod tests {
             vec![("a.test".to_owned(), IpAddr::from([127, 0, 0, 1]))]
         );
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 3128)));
+    }
+
+    #[test]
+    fn a_config_file_that_states_no_allowlist_is_refused() {
+        let path = Path::new("/etc/p/proxy.toml");
+        let none = Cli::default();
+        for text in [
+            "",
+            " \n\n",
+            "# allow = ['x']\n",
+            "allow = []\n",
+            "listen = '127.0.0.1:1'\n",
+        ] {
+            let err = parse_config_file(path, text, &none)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("/etc/p/proxy.toml ") && err.contains("allow = [\"default\"]"),
+                "{text:?}: {err}"
+            );
+        }
+        assert!(parse_config_file(path, "allow = ['github']\n", &none).is_ok());
+        // The allowlist may come from the flags instead.
+        let flags = Cli {
+            allow: vec!["github".into()],
+            ..Default::default()
+        };
+        assert!(parse_config_file(path, "listen = '127.0.0.1:1'\n", &flags).is_ok());
+        assert!(parse_config_file(path, "# only comments\n", &flags).is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The only place that opens outbound sockets. A target is resolved once (an IP literal as is,
-//! a `--resolve` pin, or DNS), every candidate address is checked against the guard, and only
-//! a checked `SocketAddr` is dialled, so no second resolution can slip in a different address
-//! (DNS rebinding).
+//! a `--resolve` pin, or DNS), every candidate address is checked against the proxy's own
+//! addresses (in the form the kernel dials them) and the guard, and only a checked
+//! `SocketAddr` is dialled, so no second resolution can slip in a different address (DNS
+//! rebinding). A connection that still ended at the proxy itself is dropped.
 //!
 //! Invariant: nothing here calls `TcpStream::connect` with a host name.
 
@@ -59,6 +60,13 @@ pub async fn connect(
         core.metrics.observe_connect(started.elapsed());
         match attempt {
             Ok(Ok(stream)) => {
+                if core.reached_itself(addr, &stream) {
+                    return Err(ProxyError::blocked_address(
+                        Reason::ProxyAddress,
+                        &target.host.to_string(),
+                        addr,
+                    ));
+                }
                 // Small writes (TLS handshakes, request heads) must not wait for Nagle.
                 let _ = stream.set_nodelay(true);
                 return Ok((stream, addr));

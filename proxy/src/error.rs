@@ -39,6 +39,8 @@ pub enum Reason {
     ReservedAddress,
     ProxyAddress,
     SniMismatch,
+    SniMissing,
+    EncryptedClientHello,
     OpaqueTunnel,
     ClientNotAllowed,
     Unresolvable,
@@ -49,11 +51,12 @@ pub enum Reason {
     BadRequest,
     UnsupportedScheme,
     HeaderTooLarge,
+    BodyTimeout,
 }
 
 impl Reason {
     /// Every reason, for metrics that list them all from the start.
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 28] = [
         Reason::Allowed,
         Reason::DeniedByRule,
         Reason::NotAllowed,
@@ -69,6 +72,8 @@ impl Reason {
         Reason::ReservedAddress,
         Reason::ProxyAddress,
         Reason::SniMismatch,
+        Reason::SniMissing,
+        Reason::EncryptedClientHello,
         Reason::OpaqueTunnel,
         Reason::ClientNotAllowed,
         Reason::Unresolvable,
@@ -79,6 +84,7 @@ impl Reason {
         Reason::BadRequest,
         Reason::UnsupportedScheme,
         Reason::HeaderTooLarge,
+        Reason::BodyTimeout,
     ];
 
     /// The stable code used in headers, logs and metrics.
@@ -99,6 +105,8 @@ impl Reason {
             Reason::ReservedAddress => "reserved_address",
             Reason::ProxyAddress => "proxy_address",
             Reason::SniMismatch => "sni_mismatch",
+            Reason::SniMissing => "sni_missing",
+            Reason::EncryptedClientHello => "encrypted_client_hello",
             Reason::OpaqueTunnel => "opaque_tunnel",
             Reason::ClientNotAllowed => "client_not_allowed",
             Reason::Unresolvable => "unresolvable",
@@ -109,15 +117,17 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::UnsupportedScheme => "unsupported_scheme",
             Reason::HeaderTooLarge => "header_too_large",
+            Reason::BodyTimeout => "body_timeout",
         }
     }
 
     /// Who is at fault.
     pub fn fault(self) -> Fault {
         match self {
-            Reason::BadRequest | Reason::UnsupportedScheme | Reason::HeaderTooLarge => {
-                Fault::Client
-            }
+            Reason::BadRequest
+            | Reason::UnsupportedScheme
+            | Reason::HeaderTooLarge
+            | Reason::BodyTimeout => Fault::Client,
             Reason::Unresolvable
             | Reason::DnsTimeout
             | Reason::ConnectTimeout
@@ -133,6 +143,7 @@ impl Reason {
             Reason::Allowed => StatusCode::OK,
             Reason::DnsTimeout | Reason::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             _ => match self.fault() {
                 Fault::Client => StatusCode::BAD_REQUEST,
                 Fault::Policy => StatusCode::FORBIDDEN,

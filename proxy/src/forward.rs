@@ -27,7 +27,7 @@ use crate::connect::connect;
 use crate::error::{ProxyError, Reason};
 use crate::handler::{explain, host_text, record, refuse, Body};
 use crate::host::{Host, Target};
-use crate::policy::{Decision, Via};
+use crate::policy::{Decision, Policy, Via};
 use crate::server::{Core, State};
 
 /// The pooled upstream client.
@@ -36,28 +36,45 @@ pub type Client = hyper_util::client::legacy::Client<Connector, Counted>;
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
-thread_local! {
-    /// This thread's pooled client and the core it was built for.
-    static CLIENT: RefCell<Option<(Weak<Core>, Client)>> = const { RefCell::new(None) };
+/// A thread's pooled client with the core and the policy its connections were dialled under.
+struct ThreadClient {
+    core: Weak<Core>,
+    policy: Weak<Policy>,
+    client: Client,
 }
 
-/// The pooled client of the calling thread, built on first use.
+thread_local! {
+    /// This thread's pooled client.
+    static CLIENT: RefCell<Option<ThreadClient>> = const { RefCell::new(None) };
+}
+
+/// The pooled client of the calling thread for `core` under `policy`, built on first use.
 ///
 /// A pooled connection is driven by a task on the runtime that opened it, so one pool shared by
 /// the serving threads would send most requests to another thread and their responses back:
-/// two cross-thread wake-ups per request. A client is tied to its core (policy, limits, address
+/// two cross-thread wake-ups per request. A client is tied to its core (limits, address
 /// checks); a thread that serves another core gets a new one, never a client of another core.
-pub fn thread_client(core: &Arc<Core>) -> Client {
+/// It is also tied to the policy in force when its connections were dialled: their addresses
+/// were checked against that policy only, so after a reload the thread's pool is dropped (its
+/// idle connections close) and the next request dials again under the new policy.
+pub fn thread_client(core: &Arc<Core>, policy: &Arc<Policy>) -> Client {
     CLIENT.with(|cell| {
         let mut cell = cell.borrow_mut();
         match &*cell {
-            // The held `Weak` keeps its core's allocation, so the address cannot be reused.
-            Some((owner, client)) if std::ptr::eq(owner.as_ptr(), Arc::as_ptr(core)) => {
-                client.clone()
+            // The held `Weak`s keep their allocations, so the addresses cannot be reused.
+            Some(held)
+                if std::ptr::eq(held.core.as_ptr(), Arc::as_ptr(core))
+                    && std::ptr::eq(held.policy.as_ptr(), Arc::as_ptr(policy)) =>
+            {
+                held.client.clone()
             }
             _ => {
                 let client = client(core.clone());
-                *cell = Some((Arc::downgrade(core), client.clone()));
+                *cell = Some(ThreadClient {
+                    core: Arc::downgrade(core),
+                    policy: Arc::downgrade(policy),
+                    client: client.clone(),
+                });
                 client
             }
         }
@@ -163,7 +180,8 @@ pub async fn forward(
             return refuse(&state, rec, &err, method_text, &shown());
         }
     };
-    let decision = state.core.policy.load().decide(&target, Via::Http);
+    let policy = state.core.policy.load_full();
+    let decision = policy.decide(&target, Via::Http);
     let rec = record(
         started,
         peer,
@@ -220,12 +238,9 @@ pub async fn forward(
     let up = Arc::new(AtomicU64::new(0));
     let request = Request::from_parts(
         parts,
-        Counted {
-            inner: body,
-            count: up.clone(),
-        },
+        Counted::new(body, up.clone(), state.core.limits.body_timeout),
     );
-    match thread_client(&state.core).request(request).await {
+    match thread_client(&state.core, &policy).request(request).await {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -351,27 +366,74 @@ impl hyper::rt::Write for Upstream {
     }
 }
 
-/// The client's request body, counting the bytes sent upstream.
+/// How many bytes of a request body buy one more second of `--body-timeout`: a body must keep
+/// coming at least this fast once its base time is used up.
+const BODY_BYTES_PER_SECOND: u64 = 1024;
+
+/// The client's request body, counting the bytes sent upstream and bounded in time: it may take
+/// `--body-timeout`, plus a second per [`BODY_BYTES_PER_SECOND`] received, from the moment it is
+/// first read. A body trickled slower (a byte a second) fails with `body_timeout` instead of
+/// holding its connection, and its connection slot, forever.
 pub struct Counted {
     inner: Incoming,
     count: Arc<AtomicU64>,
+    /// The base time; the deadline starts when the body is first read.
+    allowed: Duration,
+    deadline: Option<(tokio::time::Instant, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl Counted {
+    fn new(inner: Incoming, count: Arc<AtomicU64>, allowed: Duration) -> Counted {
+        Counted {
+            inner,
+            count,
+            allowed,
+            deadline: None,
+        }
+    }
 }
 
 impl hyper::body::Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let allowed = self.allowed;
+        let this = &mut *self;
+        let (started, sleep) = this.deadline.get_or_insert_with(|| {
+            let now = tokio::time::Instant::now();
+            (now, Box::pin(tokio::time::sleep_until(now + allowed)))
+        });
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this.count.fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
+                    let earned = Duration::from_secs(total / BODY_BYTES_PER_SECOND);
+                    sleep.as_mut().reset(*started + allowed + earned);
+                }
+                Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let err = ProxyError::new(
+                        Reason::BodyTimeout,
+                        format!(
+                            "the request body did not arrive in time ({allowed:?}, plus a \
+                             second per KiB received)"
+                        ),
+                    )
+                    .fix("a longer --body-timeout");
+                    Poll::Ready(Some(Err(err.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

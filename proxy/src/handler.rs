@@ -21,8 +21,9 @@ use crate::audit::Record;
 use crate::connect::connect;
 use crate::error::{ProxyError, Reason};
 use crate::forward::{self, AuditedBody};
+use crate::head;
 use crate::host::{Host, Target};
-use crate::policy::{Decision, Via};
+use crate::policy::{Decision, FirstBytesRules, Via};
 use crate::server::State;
 use crate::tunnel;
 
@@ -144,7 +145,7 @@ struct Opened {
     target: Target,
     upstream: TcpStream,
     record: Record,
-    allow_opaque: bool,
+    rules: FirstBytesRules,
 }
 
 /// A CONNECT that was refused: the record to finish, the error to answer with, and the target as
@@ -209,7 +210,7 @@ async fn open_tunnel(
                 target,
                 upstream,
                 record: rec,
-                allow_opaque: policy.allow_opaque,
+                rules: policy.first_bytes(),
             })
         }
         Err(error) => Err(Box::new(Refused {
@@ -243,7 +244,7 @@ async fn connect_tunnel(
             opened.upstream,
             opened.target,
             opened.record,
-            opened.allow_opaque,
+            opened.rules,
             permit,
         )
         .await;
@@ -268,21 +269,26 @@ fn method_name(method: &Method) -> &'static str {
 }
 
 /// The answer to a request refused on the bare socket: recorded, written, then the connection
-/// closes. The write is bounded so a client that does not read cannot hold the task.
+/// closes with a lingering close (`expect_more`: the client is likely still sending). The write
+/// is bounded so a client that does not read cannot hold the task.
 async fn refuse_raw(
     state: &State,
     client: &mut TcpStream,
     mut record: Record,
     err: &ProxyError,
     shown: &str,
+    expect_more: bool,
 ) {
     record.decision.allowed = false;
     record.decision.reason = err.reason;
     record.resolved = record.resolved.or(err.resolved);
     state.finish(&record);
     let bytes = err.raw_response("CONNECT", shown);
-    let _ = tokio::time::timeout(state.core.limits.header_timeout, client.write_all(&bytes)).await;
-    let _ = client.shutdown().await;
+    let written =
+        tokio::time::timeout(state.core.limits.header_timeout, client.write_all(&bytes)).await;
+    if matches!(written, Ok(Ok(()))) {
+        head::linger_close(client, expect_more).await;
+    }
 }
 
 /// A CONNECT that opened the connection, served without hyper: decide, connect, answer
@@ -298,7 +304,10 @@ pub async fn connect_raw(
 ) {
     let opened = match open_tunnel(&state, peer, &authority, started).await {
         Ok(o) => o,
-        Err(r) => return refuse_raw(&state, &mut client, r.record, &r.error, &r.shown).await,
+        Err(r) => {
+            let pipelined = !rest.is_empty();
+            return refuse_raw(&state, &mut client, r.record, &r.error, &r.shown, pipelined).await;
+        }
     };
     let established = tokio::time::timeout(
         state.core.limits.header_timeout,
@@ -315,7 +324,7 @@ pub async fn connect_raw(
         opened.upstream,
         opened.target,
         opened.record,
-        opened.allow_opaque,
+        opened.rules,
     )
     .await;
 }
@@ -343,5 +352,6 @@ pub async fn malformed_connect(
         }
         _ => ProxyError::new(reason, "the request head is not valid HTTP/1.1"),
     };
-    refuse_raw(state, &mut client, rec, &err, "-").await;
+    // The head was cut off where it stopped being valid or fitting: the rest is still coming.
+    refuse_raw(state, &mut client, rec, &err, "-", true).await;
 }

@@ -2,13 +2,22 @@
 //! every client connection of a sandbox is) is then served entirely in the connection's own
 //! task, without hyper, an upgrade hand-off or a second task; anything else goes to hyper with
 //! the bytes already read replayed in front ([`Rewind`]).
+//!
+//! Both paths close with a lingering close ([`Linger`]): the answer is followed by a FIN, then
+//! what the client still sends is read and thrown away for a bounded time and size before the
+//! socket closes. Closing a socket with unread input sends a reset, and a client still sending
+//! (a 200 KB head refused with 431) would lose the answer to it, as nginx's lingering close
+//! avoids too.
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::Limits;
 use crate::error::Reason;
@@ -72,11 +81,87 @@ pub async fn read_first(stream: &mut TcpStream, limits: &Limits) -> First {
     }
 }
 
-/// A TCP stream with bytes already read replayed in front of it.
+/// A lingering close ends when the client has sent nothing for this long.
+const LINGER_IDLE: Duration = Duration::from_secs(2);
+/// A lingering close ends after this long whatever the client does.
+const LINGER_TOTAL: Duration = Duration::from_secs(5);
+/// A lingering close ends after reading this much.
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// A lingering close in progress: the write side is shut, input is drained and dropped until the
+/// client closes, goes quiet for [`LINGER_IDLE`], or [`LINGER_TOTAL`] or [`LINGER_BYTES`] is
+/// reached.
+pub struct Linger {
+    shut: bool,
+    drained: usize,
+    until: Instant,
+    quiet: Pin<Box<Sleep>>,
+}
+
+impl Linger {
+    fn new() -> Linger {
+        let now = Instant::now();
+        Linger {
+            shut: false,
+            drained: 0,
+            until: now + LINGER_TOTAL,
+            quiet: Box::pin(tokio::time::sleep_until(now + LINGER_IDLE)),
+        }
+    }
+
+    /// Shuts the write side of `stream` (once), then drains it; ready when the close may go
+    /// ahead.
+    fn poll(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.shut {
+            // A failed shutdown (the client already reset the connection) ends the linger.
+            if ready!(Pin::new(&mut *stream).poll_shutdown(cx)).is_err() {
+                return Poll::Ready(());
+            }
+            self.shut = true;
+        }
+        let mut scratch = [0u8; 8192];
+        while self.drained < LINGER_BYTES {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    self.drained += buf.filled().len();
+                    let quiet_until = (Instant::now() + LINGER_IDLE).min(self.until);
+                    self.quiet.as_mut().reset(quiet_until);
+                }
+                // The client closed (or failed): nothing more can arrive.
+                Poll::Ready(_) => return Poll::Ready(()),
+                Poll::Pending => return self.quiet.as_mut().poll(cx),
+            }
+        }
+        Poll::Ready(())
+    }
+}
+
+/// Closes a connection the proxy refused: shuts the write side after the answer, then lingers
+/// if the client may still be sending. With `expect_more` (a head that was too large or
+/// malformed, or bytes pipelined behind a refused request) it always lingers; otherwise only if
+/// input is already waiting.
+pub async fn linger_close(stream: &mut TcpStream, expect_more: bool) {
+    let mut linger = Linger::new();
+    if !expect_more {
+        let _ = stream.shutdown().await;
+        linger.shut = true;
+        let mut probe = [0u8; 1];
+        match stream.try_read(&mut probe) {
+            Ok(n) if n > 0 => linger.drained = n,
+            _ => return,
+        }
+    }
+    poll_fn(|cx| linger.poll(stream, cx)).await;
+}
+
+/// A TCP stream with bytes already read replayed in front of it. When hyper shuts it down (the
+/// connection ends), it closes with a lingering close.
 pub struct Rewind {
     prefix: Vec<u8>,
     pos: usize,
     inner: TcpStream,
+    linger: Option<Linger>,
 }
 
 impl Rewind {
@@ -85,6 +170,7 @@ impl Rewind {
             prefix,
             pos: 0,
             inner,
+            linger: None,
         }
     }
 
@@ -143,6 +229,8 @@ impl AsyncWrite for Rewind {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let linger = this.linger.get_or_insert_with(Linger::new);
+        linger.poll(&mut this.inner, cx).map(Ok)
     }
 }

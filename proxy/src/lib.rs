@@ -58,6 +58,9 @@ use crate::server::{Core, State};
 /// queued connections into one-second SYN retransmits.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// The least time the audit log gets to write its last lines at shutdown.
+const AUDIT_CLOSE_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Binds one listener per serving thread on `addr`, all sharing the port through
 /// `SO_REUSEPORT` so the kernel spreads connections over the threads.
 ///
@@ -167,7 +170,11 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
     let own = ifaddrs::own_addresses(&own);
     let dns = Dns::new(&settings.dns_servers, settings.limits.dns_timeout)?;
     let core = Arc::new(Core::new(loaded.policy, settings.limits.clone(), dns, own));
-    let audit = Audit::open(settings.audit_log.as_ref()).await?;
+    let audit = Audit::open(
+        settings.audit_log.as_ref(),
+        core.metrics.audit_dropped.clone(),
+    )
+    .await?;
     let state = Arc::new(State::new(core.clone(), audit.clone()));
     let shutdown = CancellationToken::new();
 
@@ -220,6 +227,7 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
         }
     }
     shutdown.cancelled().await;
+    let stop_by = tokio::time::Instant::now() + core.limits.drain_timeout;
     server::drain(&state).await;
     drained.cancel();
     let mut served = Ok(());
@@ -228,7 +236,10 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
             served = Err(e);
         }
     }
-    // Lines of the last requests are still buffered: write them before exiting.
-    audit.close().await;
+    // Lines of the last requests are still buffered: write them before exiting, within what is
+    // left of the drain period (at least a moment), so a stalled audit reader cannot hold the
+    // exit.
+    let left = stop_by.saturating_duration_since(tokio::time::Instant::now());
+    audit.close(left.max(AUDIT_CLOSE_AT_LEAST)).await;
     served
 }

@@ -1,6 +1,6 @@
 //! The paude-proxy binary: parse flags, load and validate everything before binding, then
-//! either print the effective allowlist (`--check`) or run the proxy. Errors end with a
-//! non-zero exit code and one clear message.
+//! either print the effective allowlist (`--check`, and with `--install-as` put the checked
+//! file in place) or run the proxy. Errors end with a non-zero exit code and one clear message.
 
 use std::process::ExitCode;
 
@@ -24,6 +24,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if cli.check {
         print!("{}", loaded.policy);
         println!("paude-proxy: configuration ok");
+        if let (Some(dest), Some(source)) = (&cli.install_as, &cli.config) {
+            config::install(source, dest)?;
+            println!(
+                "paude-proxy: installed {} as {}",
+                source.display(),
+                dest.display()
+            );
+        }
         return Ok(());
     }
     init_tracing(loaded.settings.log_format);
@@ -32,7 +40,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(paude_proxy::start(cli, loaded))
+    let served = runtime.block_on(paude_proxy::start(cli, loaded));
+    // A write to a stdout nobody reads blocks a thread of the runtime's blocking pool for good;
+    // `start` has already given up on it, so the exit must not wait for it either.
+    runtime.shutdown_background();
+    served
 }
 
 fn init_tracing(format: LogFormat) {

@@ -157,6 +157,15 @@ fn parse_group(path: &str, text: &str) -> Result<Group, PolicyError> {
         }
         group.items.push((lineno, item.to_owned()));
     }
+    // An empty or comment-only file is what a writer leaves for a moment, not a group: taking
+    // it would silently shrink or change the allowlist on a reload.
+    if group.items.is_empty() {
+        return Err(PolicyError::new(
+            path,
+            "the file names no pattern (it is empty or holds only comments); write one pattern \
+             per line, such as .example.com, or remove the file",
+        ));
+    }
     Ok(group)
 }
 
@@ -408,6 +417,8 @@ pub struct PolicySettings {
     pub allow_client: Vec<IpNet>,
     pub resolve: Vec<(String, IpAddr)>,
     pub allow_opaque: bool,
+    pub allow_no_sni: bool,
+    pub allow_ech: bool,
 }
 
 /// A compiled, immutable policy.
@@ -419,6 +430,10 @@ pub struct Policy {
     allow_client: Vec<IpNet>,
     pins: HashMap<Box<str>, IpAddr>,
     pub allow_opaque: bool,
+    /// Tunnels to a named host may carry a ClientHello without SNI.
+    pub allow_no_sni: bool,
+    /// Tunnels may carry a ClientHello with Encrypted Client Hello.
+    pub allow_ech: bool,
     entries: Vec<Entry>,
 }
 
@@ -432,6 +447,8 @@ impl Policy {
             allow_client: settings.allow_client.clone(),
             pins: HashMap::new(),
             allow_opaque: settings.allow_opaque,
+            allow_no_sni: settings.allow_no_sni,
+            allow_ech: settings.allow_ech,
             entries: Vec::new(),
         };
         let default_items = ["default".to_owned()];
@@ -442,6 +459,13 @@ impl Policy {
         };
         for item in allow_items {
             policy.add_item("allow", item, groups)?;
+        }
+        if policy.allow.rules.is_empty() {
+            return Err(PolicyError::new(
+                format!("--allow '{}'", allow_items.join("' --allow '")),
+                "the allowlist allows nothing (its groups include each other and name no \
+                 pattern); add patterns to a group, or allow another one such as default",
+            ));
         }
         for item in &settings.deny {
             policy.add_item("deny", item, groups)?;
@@ -645,6 +669,26 @@ impl Policy {
     pub fn allow_cidrs(&self) -> &[IpNet] {
         &self.allow_cidr
     }
+
+    /// What the first bytes of a tunnel opened under this policy may be.
+    pub fn first_bytes(&self) -> FirstBytesRules {
+        FirstBytesRules {
+            allow_opaque: self.allow_opaque,
+            allow_no_sni: self.allow_no_sni,
+            allow_ech: self.allow_ech,
+        }
+    }
+}
+
+/// The rules for a tunnel's first bytes, taken from the policy in force when it opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FirstBytesRules {
+    /// Bytes that are not a TLS ClientHello may pass (`--allow-opaque`).
+    pub allow_opaque: bool,
+    /// A ClientHello without SNI may go to a named host (`--allow-no-sni`).
+    pub allow_no_sni: bool,
+    /// A ClientHello with Encrypted Client Hello may pass (`--allow-ech`).
+    pub allow_ech: bool,
 }
 
 impl fmt::Display for Policy {
@@ -849,6 +893,31 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "dir/mine.txt:4: pattern '*.com' matches every host under 'com'; name a registered domain such as '*.example.com'");
+    }
+
+    #[test]
+    fn files_and_allowlists_that_name_nothing_are_refused() {
+        for text in [
+            "",
+            "\n  \n",
+            "# description: x\n# aliases: y\n",
+            "  # a.com\n",
+        ] {
+            let err = Groups::parse([("dir/x.txt", text)]).unwrap_err();
+            assert_eq!(err.location, "dir/x.txt", "{text:?}");
+            assert!(err.message.contains("names no pattern"), "{text:?}: {err}");
+        }
+        let cycle = Groups::parse([("d/a.txt", "@b\n"), ("d/b.txt", "@a\n")]).unwrap();
+        let err = Policy::compile(
+            &cycle,
+            &PolicySettings {
+                allow: vec!["a".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.location, "--allow 'a'");
+        assert!(err.message.contains("allows nothing"), "{err}");
     }
 
     #[test]

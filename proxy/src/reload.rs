@@ -18,14 +18,19 @@ pub struct Reloader {
     core: Arc<Core>,
     /// The settings of the last successful load, to compare and to find the files to watch.
     last: Mutex<Settings>,
+    /// The content fingerprint when the watcher was set up, taken before the proxy reports
+    /// that it listens, so an edit made right after the start is not missed.
+    first_seen: u64,
 }
 
 impl Reloader {
     pub fn new(cli: Cli, core: Arc<Core>, settings: Settings) -> Reloader {
+        let first_seen = config::fingerprint(cli.config.as_deref(), settings.policies.as_deref());
         Reloader {
             cli,
             core,
             last: Mutex::new(settings),
+            first_seen,
         }
     }
 
@@ -70,12 +75,7 @@ impl Reloader {
         {
             return;
         }
-        let mut seen = {
-            let me = self.clone();
-            tokio::task::spawn_blocking(move || me.fingerprint())
-                .await
-                .unwrap_or(0)
-        };
+        let mut seen = self.first_seen;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -6,7 +6,7 @@
 //! server; the connection limit and the connection trackers are shared by all threads, so
 //! [`drain`], called once, waits for every thread's connections and tunnels for a bounded time,
 //! then closes what is left.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,16 +50,56 @@ impl Core {
         }
     }
 
-    /// Whether `addr` is one of the proxy's own listening addresses. A listener on the
-    /// unspecified address also matches its port on loopback and on the unspecified address
-    /// (its interface addresses are listed in `own` already).
+    /// Whether dialling `addr` would reach one of the proxy's own listeners. Addresses are
+    /// compared as the kernel dials them: an IPv4-mapped or -compatible IPv6 address is its
+    /// IPv4 address, and the unspecified address (`0.0.0.0`, `::`) is this host, like loopback.
+    /// So "this host" on the port of a listener bound to loopback or the unspecified address is
+    /// that listener, in either family; a listener on the unspecified address has its interface
+    /// addresses listed in `own` already.
     pub fn is_own(&self, addr: SocketAddr) -> bool {
-        self.own.iter().any(|own| {
-            own.port() == addr.port()
-                && (own.ip() == addr.ip()
-                    || (own.ip().is_unspecified()
-                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
-        })
+        reaches_own(&self.own, addr)
+    }
+
+    /// Whether a connection just made to `addr` ended at the proxy itself: the peer is one of its
+    /// listeners, or an address of this machine (source and destination agree) on one of its
+    /// ports. This catches what [`Core::is_own`] cannot know, such as an interface address added
+    /// after the start. It costs two system calls, only when the port is one of the proxy's.
+    pub fn reached_itself(&self, addr: SocketAddr, stream: &tokio::net::TcpStream) -> bool {
+        reached_own(&self.own, addr, stream)
+    }
+}
+
+/// [`Core::reached_itself`] over a list of own addresses.
+fn reached_own(own: &[SocketAddr], addr: SocketAddr, stream: &tokio::net::TcpStream) -> bool {
+    if !own.iter().any(|own| own.port() == addr.port()) {
+        return false;
+    }
+    match (stream.peer_addr(), stream.local_addr()) {
+        (Ok(peer), Ok(local)) => {
+            reaches_own(own, peer) || as_dialled(peer.ip()) == as_dialled(local.ip())
+        }
+        // A connection that cannot say where it ended is not used.
+        _ => true,
+    }
+}
+
+/// [`Core::is_own`] over a list of own addresses.
+fn reaches_own(own: &[SocketAddr], addr: SocketAddr) -> bool {
+    let ip = as_dialled(addr.ip());
+    let this_host = |ip: IpAddr| ip.is_loopback() || ip.is_unspecified();
+    own.iter().any(|own| {
+        let own_ip = as_dialled(own.ip());
+        own.port() == addr.port() && (own_ip == ip || (this_host(ip) && this_host(own_ip)))
+    })
+}
+
+/// An address as a connect(2) to it is routed: IPv4-mapped (`::ffff:a.b.c.d`) and
+/// IPv4-compatible (`::a.b.c.d`, `::` included) IPv6 addresses become their IPv4 address;
+/// IPv6 loopback stays what it is.
+fn as_dialled(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if !v6.is_loopback() => v6.to_ipv4().map_or(ip, IpAddr::V4),
+        _ => ip,
     }
 }
 
@@ -131,10 +171,13 @@ pub async fn accept(
 ) -> anyhow::Result<()> {
     let limits = &state.core.limits;
     let mut builder = http1::Builder::new();
+    // A client may shut down its sending side once its request is complete (`nc -q`,
+    // `printf ... | nc`); HTTP/1.1 lets it, so the answer still goes out (half_close).
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(limits.max_header_bytes)
+        .half_close(true)
         .keep_alive(true);
     let builder = Arc::new(builder);
     loop {
@@ -293,5 +336,63 @@ async fn serve_http(
                 bytes_down: 0,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks whether dialling `addr` reaches a proxy listening on `own`.
+    fn check(own: &[&str], addr: &str, expected: bool) {
+        let own: Vec<SocketAddr> = own.iter().map(|a| a.parse().unwrap()).collect();
+        let got = reaches_own(&own, addr.parse().unwrap());
+        assert_eq!(got, expected, "{addr} with listeners {own:?}");
+    }
+
+    #[test]
+    fn every_form_of_this_host_on_a_listener_port_is_the_proxy() {
+        for own in [
+            ["127.0.0.1:3128"],
+            ["0.0.0.0:3128"],
+            ["[::]:3128"],
+            ["[::1]:3128"],
+        ] {
+            for addr in [
+                "127.0.0.1:3128",
+                "127.0.0.2:3128",
+                "0.0.0.0:3128",
+                "[::]:3128",
+                "[::1]:3128",
+                "[::ffff:127.0.0.1]:3128",
+                "[::ffff:0.0.0.0]:3128",
+                "[::127.0.0.1]:3128",
+            ] {
+                check(&own, addr, true);
+            }
+            check(&own, "127.0.0.1:3129", false);
+            check(&own, "[::ffff:127.0.0.1]:80", false);
+            check(&own, "203.0.113.7:3128", false);
+        }
+        // A listener on one interface address is that address, in any spelling.
+        let own = ["192.0.2.2:3128"];
+        check(&own, "192.0.2.2:3128", true);
+        check(&own, "[::ffff:192.0.2.2]:3128", true);
+        check(&own, "127.0.0.1:3128", false);
+        check(&own, "192.0.2.3:3128", false);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_ended_on_this_machine_at_a_proxy_port_is_the_proxy() {
+        // The proxy believes it listens on 192.0.2.77 only (as if 127.0.0.1 had been added
+        // after the start): only the connection itself can tell.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let own = [SocketAddr::new([192, 0, 2, 77].into(), addr.port())];
+        assert!(!reaches_own(&own, addr));
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(reached_own(&own, addr, &stream));
+        let elsewhere = [SocketAddr::new([192, 0, 2, 77].into(), addr.port() ^ 1)];
+        assert!(!reached_own(&elsewhere, addr, &stream));
     }
 }

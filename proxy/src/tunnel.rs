@@ -19,9 +19,9 @@ use crate::audit::Record;
 use crate::error::Reason;
 use crate::head::Rewind;
 use crate::host::{Host, Target};
-use crate::policy::Decision;
+use crate::policy::{Decision, FirstBytesRules};
 use crate::server::State;
-use crate::tls::{read_client_hello, FirstBytes};
+use crate::tls::{read_client_hello, FirstBytes, HelloNames};
 
 /// Copy buffer per direction, where splice(2) is not available.
 #[cfg(not(target_os = "linux"))]
@@ -35,7 +35,7 @@ pub async fn run(
     upstream: TcpStream,
     target: Target,
     record: Record,
-    allow_opaque: bool,
+    rules: FirstBytesRules,
     _permit: Arc<OwnedSemaphorePermit>,
 ) {
     let upgraded = match tokio::time::timeout(state.core.limits.header_timeout, on_upgrade).await {
@@ -57,16 +57,30 @@ pub async fn run(
             return state.finish(&record);
         }
     };
-    serve(
-        &state,
-        client,
-        pipelined,
-        upstream,
-        target,
-        record,
-        allow_opaque,
-    )
-    .await;
+    serve(&state, client, pipelined, upstream, target, record, rules).await;
+}
+
+/// The SNI guard: whether a tunnel to `target` may carry a ClientHello with these names.
+///
+/// The hello must name the CONNECT host: a different name, an IP literal or an invalid one is
+/// `sni_mismatch`. A hello without SNI names no destination, so a tunnel to a named host is
+/// refused (`sni_missing`) unless `--allow-no-sni`; an IP destination is named by the CONNECT
+/// itself, and clients send no SNI for it. Encrypted Client Hello hides the real server name
+/// behind a public one, so it is refused (`encrypted_client_hello`) unless `--allow-ech`.
+pub fn sni_verdict(
+    target: &Host,
+    hello: &HelloNames,
+    rules: FirstBytesRules,
+) -> Result<(), Reason> {
+    if hello.ech && !rules.allow_ech {
+        return Err(Reason::EncryptedClientHello);
+    }
+    match &hello.sni {
+        Some(name) if Host::parse(name).is_ok_and(|h| h == *target) => Ok(()),
+        Some(_) => Err(Reason::SniMismatch),
+        None if target.ip().is_some() || rules.allow_no_sni => Ok(()),
+        None => Err(Reason::SniMissing),
+    }
 }
 
 /// Runs one tunnel to completion and records it: the SNI guard on the first bytes (`first`
@@ -78,11 +92,12 @@ pub async fn serve(
     mut upstream: TcpStream,
     target: Target,
     mut record: Record,
-    allow_opaque: bool,
+    rules: FirstBytesRules,
 ) {
     let metrics = &state.core.metrics;
     metrics.active_tunnels.inc();
     let limits = &state.core.limits;
+    let allow_opaque = rules.allow_opaque;
     let peek = read_client_hello(
         &mut client,
         &mut first,
@@ -91,21 +106,19 @@ pub async fn serve(
     )
     .await;
     match peek {
-        Ok(FirstBytes::Tls { sni }) => {
-            if let Some(name) = &sni {
-                let same = Host::parse(name).is_ok_and(|h| h == target.host);
-                if !same {
-                    tracing::info!(sni = %name, connect = %target, "SNI differs from the CONNECT host");
-                    record.sni = sni;
-                    record.decision = Decision {
-                        allowed: false,
-                        reason: Reason::SniMismatch,
-                        ..record.decision
-                    };
-                    return finish(state, &record);
-                }
+        Ok(FirstBytes::Tls(hello)) => {
+            let verdict = sni_verdict(&target.host, &hello, rules);
+            record.sni = hello.sni;
+            if let Err(reason) = verdict {
+                let sni = record.sni.as_deref().unwrap_or("");
+                tracing::info!(sni, connect = %target, "{}", refusal_hint(reason));
+                record.decision = Decision {
+                    allowed: false,
+                    reason,
+                    ..record.decision
+                };
+                return finish(state, &record);
             }
-            record.sni = sni;
         }
         Ok(FirstBytes::Closed) => return finish(state, &record),
         Ok(FirstBytes::Opaque | FirstBytes::TimedOut | FirstBytes::UpstreamFirst)
@@ -142,6 +155,22 @@ pub async fn serve(
     record.bytes_up += up;
     record.bytes_down += down;
     finish(state, &record);
+}
+
+/// What the log says about a tunnel the SNI guard closed (it gets no answer of its own).
+fn refusal_hint(reason: Reason) -> &'static str {
+    match reason {
+        Reason::EncryptedClientHello => {
+            "tunnel closed: the ClientHello carries Encrypted Client Hello, which hides the \
+             server it really goes to; Chromium sends it unless started with \
+             --disable-features=EncryptedClientHello, or run paude-proxy with --allow-ech"
+        }
+        Reason::SniMissing => {
+            "tunnel closed: the ClientHello names no server (SNI) for a named host; run \
+             paude-proxy with --allow-no-sni for clients that send none"
+        }
+        _ => "tunnel closed: the ClientHello's server name (SNI) differs from the CONNECT host",
+    }
 }
 
 fn finish(state: &State, record: &Record) {
@@ -261,4 +290,88 @@ async fn pump_copy(
         sleep.as_mut().reset(tokio::time::Instant::now() + idle);
     }
     (up, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks the guard for a tunnel to `target` whose hello names `sni` (with ECH if `ech`).
+    fn check(target: &str, sni: Option<&str>, ech: bool, rules: FirstBytesRules, expected: &str) {
+        let hello = HelloNames {
+            sni: sni.map(str::to_owned),
+            ech,
+        };
+        let got = sni_verdict(&Host::parse(target).unwrap(), &hello, rules);
+        let got = got.err().map_or("allowed", Reason::code);
+        assert_eq!(got, expected, "{target} sni={sni:?} ech={ech} {rules:?}");
+    }
+
+    #[test]
+    fn the_hello_must_name_the_connect_host() {
+        let strict = FirstBytesRules::default();
+        check("example.com", Some("example.com"), false, strict, "allowed");
+        check(
+            "example.com",
+            Some("EXAMPLE.com."),
+            false,
+            strict,
+            "allowed",
+        );
+        check(
+            "example.com",
+            Some("other.com"),
+            false,
+            strict,
+            "sni_mismatch",
+        );
+        check(
+            "example.com",
+            Some("127.0.0.1"),
+            false,
+            strict,
+            "sni_mismatch",
+        );
+        check("example.com", Some("a..b"), false, strict, "sni_mismatch");
+        check("example.com", Some(""), false, strict, "sni_mismatch");
+        check("example.com", None, false, strict, "sni_missing");
+        check(
+            "example.com",
+            Some("example.com"),
+            true,
+            strict,
+            "encrypted_client_hello",
+        );
+        check("203.0.113.7", None, false, strict, "allowed");
+        check("203.0.113.7", Some("203.0.113.7"), false, strict, "allowed");
+        check(
+            "203.0.113.7",
+            Some("example.com"),
+            false,
+            strict,
+            "sni_mismatch",
+        );
+        check(
+            "[2001:db8::1]",
+            Some("2001:db8::1"),
+            false,
+            strict,
+            "allowed",
+        );
+        let open = FirstBytesRules {
+            allow_no_sni: true,
+            allow_ech: true,
+            ..strict
+        };
+        check("example.com", None, false, open, "allowed");
+        check("example.com", Some("example.com"), true, open, "allowed");
+        check("example.com", Some("other.com"), true, open, "sni_mismatch");
+        check(
+            "example.com",
+            Some("127.0.0.1"),
+            false,
+            open,
+            "sni_mismatch",
+        );
+    }
 }

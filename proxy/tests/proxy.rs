@@ -858,21 +858,7 @@ async fn the_admin_listener_serves_metrics_health_and_policy() {
 
 /// A DNS server on loopback that answers every query with NXDOMAIN.
 async fn nxdomain_server() -> std::net::SocketAddr {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            if n < 12 {
-                continue;
-            }
-            let mut reply = buf[..n].to_vec();
-            reply[2] = 0x80 | (reply[2] & 0x01); // QR, keep RD
-            reply[3] = 0x80 | 0x03; // RA, NXDOMAIN
-            let _ = socket.send_to(&reply, from).await;
-        }
-    });
-    addr
+    dns_server(None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1759,4 +1745,819 @@ async fn two_embedded_proxies_on_one_thread_never_share_an_upstream_pool() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     stop_open.cancel();
     stop_guarded.cancel();
+}
+
+/// Sends SIGHUP and waits until the proxy has refused `refused` reloads in all; true if it did.
+fn hup_and_wait_for_refusal(proxy: &Proxy, refused: usize) -> bool {
+    proxy.signal("HUP");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let seen = proxy
+            .stderr()
+            .matches("keeping the policy in force")
+            .count();
+        if seen >= refused || std::time::Instant::now() > deadline {
+            return seen == refused;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A CONNECT to `host:443` and the reason it was refused with. `pypi.org` is pinned to
+/// loopback in these tests, so "allowed by the policy" shows as `loopback_address` without
+/// anything being dialled, and "not on the allowlist" as `not_allowed`.
+async fn refusal_reason(proxy: std::net::SocketAddr, host: &str) -> Option<String> {
+    let out = raw(proxy, &connect_head(&format!("{host}:443"), "")).await;
+    header(&out, "x-paude-deny").map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_or_comment_only_config_never_replaces_the_policy() {
+    let dns = nxdomain_server().await.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "allow = ['only.test']\n").unwrap();
+    let config_arg = config.to_str().unwrap();
+    let guard = [
+        "--resolve",
+        "pypi.org=127.0.0.1",
+        "--dns-server",
+        dns.as_str(),
+    ];
+    let mut args = vec!["--config", config_arg, "--watch-interval", "0"];
+    args.extend(guard);
+    let proxy = Proxy::start(&args);
+    assert_eq!(
+        refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+        Some("not_allowed")
+    );
+    // What an editor or a non-atomic writer leaves for a moment, and files that state no
+    // allowlist at all: none of them is a policy.
+    let not_policies = [
+        "",
+        "\n\n   \n",
+        "# allow = ['default']\n# written later\n",
+        "allow = []\n",
+        "header_timeout = '10s'\n",
+    ];
+    for (i, text) in not_policies.iter().enumerate() {
+        std::fs::write(&config, text).unwrap();
+        assert!(
+            hup_and_wait_for_refusal(&proxy, i + 1),
+            "{text:?} must be refused: {}",
+            proxy.stderr()
+        );
+        assert_eq!(
+            refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+            Some("not_allowed"),
+            "after {text:?} the old allowlist stays: {}",
+            proxy.stderr()
+        );
+    }
+    assert!(
+        proxy.stderr().contains("allow = [\"default\"]"),
+        "the error says what to write: {}",
+        proxy.stderr()
+    );
+
+    // The watcher sees a truncated file the same way.
+    std::fs::write(&config, "allow = ['only.test']\n").unwrap();
+    let mut args = vec!["--config", config_arg, "--watch-interval", "100ms"];
+    args.extend(guard);
+    let watched = Proxy::start(&args);
+    std::fs::write(&config, "").unwrap();
+    assert!(
+        watched.wait_for_stderr("reload failed (files changed)"),
+        "{}",
+        watched.stderr()
+    );
+    assert_eq!(
+        refusal_reason(watched.addr, "pypi.org").await.as_deref(),
+        Some("not_allowed")
+    );
+
+    // The start refuses the same files, saying what to write.
+    for text in not_policies {
+        std::fs::write(&config, text).unwrap();
+        let (code, _, err) = run_binary(&["--check", "--config", config_arg]);
+        assert_eq!(code, 2, "{text:?} must not start: {err}");
+        assert!(
+            err.contains("proxy.toml") && err.contains("allow = [\"default\"]"),
+            "{text:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_that_allows_nothing_is_refused_and_the_old_policy_stays() {
+    let dns = nxdomain_server().await.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.txt");
+    std::fs::write(&file, "# description: mine\npypi.org\n").unwrap();
+    let policies = dir.path().to_str().unwrap();
+    let proxy = Proxy::start(&[
+        "--policies",
+        policies,
+        "--allow",
+        "mine",
+        "--watch-interval",
+        "0",
+        "--resolve",
+        "pypi.org=127.0.0.1",
+        "--dns-server",
+        &dns,
+    ]);
+    assert_eq!(
+        refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+        Some("loopback_address"),
+        "allowed by the policy, refused by the address guard"
+    );
+    let cycle = dir.path().join("loop.txt");
+    let not_policies = [
+        ("mine.txt", "".to_owned()),
+        ("mine.txt", "# description: mine\n# pypi.org\n".to_owned()),
+        // Groups that include each other and name no pattern compile to an empty allowlist.
+        ("mine.txt", "# description: mine\n@loop\n".to_owned()),
+    ];
+    std::fs::write(&cycle, "# description: loop\n@mine\n").unwrap();
+    for (i, (name, text)) in not_policies.iter().enumerate() {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        assert!(
+            hup_and_wait_for_refusal(&proxy, i + 1),
+            "{text:?} must be refused: {}",
+            proxy.stderr()
+        );
+        assert_eq!(
+            refusal_reason(proxy.addr, "pypi.org").await.as_deref(),
+            Some("loopback_address"),
+            "after {text:?} the old policy stays"
+        );
+        let (code, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+        assert_eq!(code, 2, "{text:?} must not start: {err}");
+    }
+    let (_, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+    assert!(err.contains("allows nothing"), "{err}");
+    std::fs::write(&file, "").unwrap();
+    let (_, _, err) = run_binary(&["--check", "--policies", policies, "--allow", "mine"]);
+    assert!(
+        err.contains("mine.txt") && err.contains("one pattern per line"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_with_install_as_puts_a_valid_config_in_place_in_one_rename() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let candidate = dir.path().join("candidate.toml");
+    std::fs::write(&config, "allow = ['github']\n").unwrap();
+    let install = |candidate: &std::path::Path| {
+        run_binary(&[
+            "--check",
+            "--config",
+            candidate.to_str().unwrap(),
+            "--install-as",
+            config.to_str().unwrap(),
+        ])
+    };
+    // A candidate the proxy would refuse changes nothing.
+    for bad in ["", "allow = ['*.com']\n"] {
+        std::fs::write(&candidate, bad).unwrap();
+        let (code, _, err) = install(&candidate);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            "allow = ['github']\n"
+        );
+        assert!(candidate.exists());
+    }
+    // A valid one replaces it by a rename: the file in force is the candidate's inode.
+    std::fs::write(&candidate, "allow = ['pypi']\n").unwrap();
+    let inode = std::fs::metadata(&candidate).unwrap().ino();
+    let (code, out, err) = install(&candidate);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("installed"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "allow = ['pypi']\n"
+    );
+    assert_eq!(std::fs::metadata(&config).unwrap().ino(), inode);
+    assert!(!candidate.exists());
+    // Another directory would change what a relative policies path means.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = elsewhere.path().join("c.toml");
+    std::fs::write(&other, "allow = ['pypi']\n").unwrap();
+    let (code, _, err) = install(&other);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("must name a file in the directory of --config"),
+        "{err}"
+    );
+    let (code, _, err) = run_binary(&["--install-as", config.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--check") && err.contains("--config"), "{err}");
+}
+
+/// A port that was free a moment ago, so a test can name it in flags before the proxy binds it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_form_of_the_proxy_s_own_address_is_dialled_whatever_allow_cidr_says() {
+    // A DNS server that answers 0.0.0.0, as a rebinding attacker's would.
+    let dns = dns_server(Some(std::net::Ipv4Addr::UNSPECIFIED))
+        .await
+        .to_string();
+    for listen_ip in ["127.0.0.1", "0.0.0.0", "[::]"] {
+        let (port, admin_port) = (free_port(), free_port());
+        let listen = format!("{listen_ip}:{port}");
+        let admin = format!("127.0.0.1:{admin_port}");
+        // Every way of writing "this host" a pin, a literal or a DNS answer can give.
+        let forms = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+            "::127.0.0.1",
+        ];
+        let mut flags: Vec<String> = [
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+            "--allow-cidr",
+            "0.0.0.0/0",
+            "--allow-cidr",
+            "::/0",
+            "--allow-client",
+            "127.0.0.0/8",
+            "--allow-client",
+            "::1/128",
+            "--dns-server",
+            &dns,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        for p in [port, admin_port] {
+            flags.extend(["--allow".to_owned(), format!(".self.test:{p}")]);
+            flags.extend(["--allow".to_owned(), format!("dns.test:{p}")]);
+            for ip in forms {
+                let literal = if ip.contains(':') {
+                    format!("[{ip}]:{p}")
+                } else {
+                    format!("{ip}:{p}")
+                };
+                flags.extend(["--allow".to_owned(), literal]);
+            }
+        }
+        for (i, ip) in forms.iter().enumerate() {
+            flags.extend(["--resolve".to_owned(), format!("h{i}.self.test={ip}")]);
+        }
+        let proxy = Proxy::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+        for p in [port, admin_port] {
+            let mut targets: Vec<String> = (0..forms.len())
+                .map(|i| format!("h{i}.self.test:{p}"))
+                .collect();
+            targets.push(format!("dns.test:{p}"));
+            for ip in forms {
+                targets.push(if ip.contains(':') {
+                    format!("[{ip}]:{p}")
+                } else {
+                    format!("{ip}:{p}")
+                });
+            }
+            for target in &targets {
+                let out = raw(proxy.addr, &connect_head(target, "")).await;
+                assert_eq!(
+                    header(&out, "x-paude-deny"),
+                    Some("proxy_address"),
+                    "listening on {listen}: CONNECT {target} must be refused: {out}"
+                );
+                let get = format!(
+                    "GET http://{target}/policy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                );
+                let out = raw(proxy.addr, get.as_bytes()).await;
+                assert_eq!(
+                    header(&out, "x-paude-deny"),
+                    Some("proxy_address"),
+                    "listening on {listen}: GET http://{target}/policy must be refused: {out}"
+                );
+            }
+        }
+    }
+}
+
+/// Sends `count` pipelined plain-HTTP requests to a host nobody allowed over one connection
+/// and reads the answers as they come; returns how many 403s arrived. The host name is as long
+/// as a name may be, so each refusal leaves an audit line of about 500 bytes.
+async fn refusal_flood(proxy: std::net::SocketAddr, count: usize) -> usize {
+    let stream = connect(proxy).await;
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let host = [
+            "a".repeat(61),
+            "b".repeat(61),
+            "c".repeat(61),
+            "flood.test".into(),
+        ]
+        .join(".");
+        let one = format!("GET http://{host}/ HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+        let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 100).collect();
+        for _ in 0..count / 100 {
+            write.write_all(&batch).await.unwrap();
+        }
+        write
+    });
+    let needle = b"HTTP/1.1 403";
+    let (mut seen, mut carry) = (0usize, Vec::new());
+    let mut buf = vec![0u8; 64 * 1024];
+    let work = async {
+        while seen < count / 100 * 100 {
+            let n = read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed the flood after {seen} answers");
+            carry.extend_from_slice(&buf[..n]);
+            seen += carry.windows(needle.len()).filter(|w| w == needle).count();
+            let keep = carry.len().saturating_sub(needle.len() - 1);
+            carry.drain(..keep);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), work)
+        .await
+        .expect("the flood is answered");
+    drop(writer.await.unwrap());
+    seen
+}
+
+/// The value of a metric line `name` in the admin listener's exposition.
+async fn metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = admin_get(admin, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_audit_sink_keeps_memory_bounded_and_counts_what_it_drops() {
+    let proxy = Proxy::start_with_stalled_stdout(&[
+        "--audit-log",
+        "-",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--worker-threads",
+        "2",
+    ]);
+    let admin = proxy.admin.unwrap();
+    // Fill the pipe and the proxy's buffers once (about 3 MB of lines, more than the pipe and
+    // the audit buffer hold), so what follows measures only growth.
+    assert_eq!(refusal_flood(proxy.addr, 6_400).await, 6_400);
+    let before = proxy.rss_kib();
+    let flood = 16_000;
+    let answered = refusal_floods(proxy.addr, 4, flood / 4).await;
+    assert_eq!(answered, flood, "every refusal is answered");
+    let after = proxy.rss_kib();
+    // 16,000 more audit lines are about 7.5 MiB: held in memory they would show here.
+    assert!(
+        after.saturating_sub(before) < 3 * 1024,
+        "RSS grew from {before} KiB to {after} KiB while the audit sink was stalled"
+    );
+    let denied = metric(
+        admin,
+        "paude_decisions_total{decision=\"deny\",reason=\"not_allowed\"}",
+    )
+    .await;
+    assert_eq!(denied, Some(22_400.0), "every refusal is counted");
+    let dropped = metric(admin, "paude_audit_dropped_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        dropped > 10_000.0,
+        "lines the sink could not take are counted: {dropped}"
+    );
+    assert!(
+        proxy.wait_for_stderr("audit log is not keeping up"),
+        "a dropped line is never silent: {}",
+        proxy.stderr()
+    );
+}
+
+/// Runs `connections` refusal floods of `each` requests at once; returns the answers seen.
+async fn refusal_floods(proxy: std::net::SocketAddr, connections: usize, each: usize) -> usize {
+    let floods: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(refusal_flood(proxy, each)))
+        .collect();
+    let mut total = 0;
+    for flood in floods {
+        total += flood.await.unwrap();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_within_the_drain_timeout_while_the_audit_sink_is_stalled() {
+    let mut proxy =
+        Proxy::start_with_stalled_stdout(&["--audit-log", "-", "--drain-timeout", "1s"]);
+    // Far more lines than the stdout pipe holds.
+    assert_eq!(refusal_flood(proxy.addr, 5_000).await, 5_000);
+    proxy.signal("TERM");
+    assert_eq!(
+        proxy.wait_exit_within(Duration::from_secs(1 + 5)),
+        Some(0),
+        "SIGTERM must stop the proxy within --drain-timeout plus a margin: {}",
+        proxy.stderr()
+    );
+    assert!(
+        proxy.stderr().contains("audit"),
+        "the lines left unwritten are reported: {}",
+        proxy.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_retires_pooled_upstream_connections() {
+    let web = http_upstream().await;
+    let port = web.port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    let write = |cidrs: &str| {
+        let toml = format!(
+            "allow = ['web.test:{port}']\nresolve = ['web.test=127.0.0.1']\nallow_cidr = [{cidrs}]\n"
+        );
+        std::fs::write(&config, toml).unwrap();
+    };
+    write("'127.0.0.0/8'");
+    // One serving thread, so every request meets the same pool.
+    let proxy = Proxy::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--watch-interval",
+        "0",
+        "--worker-threads",
+        "1",
+    ]);
+    let get = format!("GET http://web.test:{port}/ HTTP/1.1\r\nHost: web.test\r\n\r\n");
+    let mut kept = connect(proxy.addr).await;
+    send(&mut kept, get.as_bytes()).await;
+    let out = read_response(&mut kept).await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+
+    // The reload removes the range the pooled upstream connection lives in.
+    write("");
+    proxy.signal("HUP");
+    assert!(
+        proxy.wait_for_stderr("policy reloaded (SIGHUP)"),
+        "{}",
+        proxy.stderr()
+    );
+    send(&mut kept, get.as_bytes()).await;
+    let out = read_response(&mut kept).await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("loopback_address"),
+        "the same client connection must not reuse the pooled upstream: {out}"
+    );
+    let mut fresh = connect(proxy.addr).await;
+    send(&mut fresh, get.as_bytes()).await;
+    let out = read_response(&mut fresh).await;
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("loopback_address"),
+        "a new client connection must not reuse it either: {out}"
+    );
+}
+
+/// Opens a tunnel to `target` with `hello` pipelined behind the CONNECT head; returns what came
+/// back after the `200`: the echoed hello if the tunnel carried it, nothing if the proxy closed
+/// it (as text, which is all the comparison needs).
+async fn tunnel_echo(proxy: std::net::SocketAddr, target: &str, hello: &[u8]) -> String {
+    let mut s = connect(proxy).await;
+    let mut first = connect_head(target, "");
+    first.extend_from_slice(hello);
+    send(&mut s, &first).await;
+    let out = read_until_end(&mut s, hello).await;
+    let established = "HTTP/1.1 200 OK\r\n\r\n";
+    assert!(out.starts_with(established), "{out:?}");
+    out[established.len()..].to_owned()
+}
+
+/// An `encrypted_client_hello` extension as a ClientHelloOuter carries it (RFC 9849): real ECH
+/// and the GREASE ECH Chromium sends look the same on the wire.
+const ECH: (u16, &[u8]) = (
+    0xfe0d,
+    &[
+        0, 0, 1, 0, 1, 0x2a, 0, 4, 1, 2, 3, 4, 0, 8, 9, 9, 9, 9, 9, 9, 9, 9,
+    ],
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_whose_client_hello_does_not_name_the_connect_host_are_closed() {
+    let echo = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let named = format!("echo.test:{}", echo.port());
+    let literal = format!("127.0.0.1:{}", echo.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &named,
+            "--allow",
+            &literal,
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let with_sni = rustls_client_hello("echo.test", true);
+    let without_sni = rustls_client_hello("echo.test", false);
+    let ip_sni = handmade_client_hello(Some("127.0.0.1"), &[]);
+    let handmade = handmade_client_hello(Some("echo.test"), &[]);
+    let ech = handmade_client_hello(Some("echo.test"), &[ECH]);
+    let cases: [(&str, &str, &[u8], Option<&str>); 7] = [
+        ("a hello naming the host", &named, &with_sni, None),
+        ("a handmade hello naming it", &named, &handmade, None),
+        (
+            "a hello without SNI",
+            &named,
+            &without_sni,
+            Some("sni_missing"),
+        ),
+        ("an IP-literal SNI", &named, &ip_sni, Some("sni_mismatch")),
+        (
+            "an encrypted ClientHello",
+            &named,
+            &ech,
+            Some("encrypted_client_hello"),
+        ),
+        // An IP destination is named by the CONNECT itself; clients send no SNI for it.
+        ("no SNI to an IP literal", &literal, &without_sni, None),
+        ("the same IP as SNI", &literal, &ip_sni, None),
+    ];
+    for (what, target, hello, refused) in cases {
+        let back = tunnel_echo(proxy.addr, target, hello).await;
+        match refused {
+            None => assert_eq!(back, String::from_utf8_lossy(hello), "{what} must pass"),
+            Some(_) => assert!(back.is_empty(), "{what} must not reach the upstream"),
+        }
+    }
+    // Tunnels finish in any order; compare what was recorded as a sorted list.
+    let lines = audit_lines(&audit, cases.len());
+    let mut recorded: Vec<String> = lines
+        .iter()
+        .map(|l| format!("{} sni={} {}", l["host"], l["sni"], l["reason"]))
+        .collect();
+    recorded.sort();
+    let mut expected = vec![
+        r#""echo.test" sni="echo.test" "allowed""#,
+        r#""echo.test" sni="echo.test" "allowed""#,
+        r#""echo.test" sni=null "sni_missing""#,
+        r#""echo.test" sni="127.0.0.1" "sni_mismatch""#,
+        r#""echo.test" sni="echo.test" "encrypted_client_hello""#,
+        r#""127.0.0.1" sni=null "allowed""#,
+        r#""127.0.0.1" sni="127.0.0.1" "allowed""#,
+    ];
+    expected.sort();
+    assert_eq!(recorded, expected);
+
+    // Each refusal has its opt-out, for clients that need one.
+    let open = start(
+        &["--allow", &named, "--allow-no-sni", "--allow-ech"],
+        &loopback_pin("echo.test"),
+    );
+    assert_eq!(
+        tunnel_echo(open.addr, &named, &without_sni).await,
+        String::from_utf8_lossy(&without_sni)
+    );
+    assert_eq!(
+        tunnel_echo(open.addr, &named, &ech).await,
+        String::from_utf8_lossy(&ech)
+    );
+    assert!(
+        tunnel_echo(open.addr, &named, &ip_sni).await.is_empty(),
+        "a name that differs is refused whatever the flags"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let web = http_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let proxy = start(&["--allow", &allow], &loopback_pin("web.test"));
+    let requests = [
+        (
+            format!(
+                "GET http://web.test:{}/half HTTP/1.1\r\nHost: web.test\r\n\r\n",
+                web.port()
+            ),
+            "HTTP/1.1 200",
+        ),
+        (
+            "GET http://nope.test/ HTTP/1.1\r\nHost: nope.test\r\n\r\n".to_owned(),
+            "HTTP/1.1 403",
+        ),
+        (
+            "CONNECT nope.test:443 HTTP/1.1\r\nHost: nope.test\r\n\r\n".to_owned(),
+            "HTTP/1.1 403",
+        ),
+    ];
+    for (request, status) in requests {
+        // As `nc -q` and `printf ... | nc` do: the whole request, then shutdown(SHUT_WR).
+        let mut s = connect(proxy.addr).await;
+        send(&mut s, request.as_bytes()).await;
+        s.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(T, s.read_to_end(&mut out))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with(status), "{request:?} got {out:?}");
+    }
+}
+
+/// Sends `request` the way `nc` and `sendall`-then-`recv` scripts do: all of it first, in
+/// chunks as a network delivers them, giving up at the first failed write (the answer is never
+/// read then), then reads the answer. Blocking I/O with timeouts, on a blocking thread.
+async fn send_all_then_read(proxy: std::net::SocketAddr, request: Vec<u8>) -> String {
+    let work = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(proxy).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.set_write_timeout(Some(T)).unwrap();
+        for chunk in request.chunks(16 * 1024) {
+            if let Err(e) = s.write_all(chunk) {
+                return format!("the request could not be sent: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut out = Vec::new();
+        match s.read_to_end(&mut out) {
+            Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+            Err(e) => format!("the answer could not be read: {e}"),
+        }
+    });
+    tokio::time::timeout(T * 2, work).await.unwrap().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_oversized_and_malformed_heads_arrive_while_the_client_is_still_sending() {
+    let proxy = start(&[], &[]);
+    let filler: String = (0..200 * 1024 / 20)
+        .map(|i| format!("X-Fill-{i:06}: aaaaa\r\n"))
+        .collect();
+    let cases = [
+        (
+            format!("GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n{filler}\r\n"),
+            "HTTP/1.1 431",
+        ),
+        (
+            format!("CONNECT web.test:443 HTTP/1.1\r\nHost: web.test\r\n{filler}\r\n"),
+            "HTTP/1.1 431",
+        ),
+        (
+            format!("GET http://web.test/ HTTP/1.1\r\nno colon here\r\n{filler}\r\n"),
+            "HTTP/1.1 400",
+        ),
+        (
+            format!("CONNECT web.test:443 HTTP/1.1\r\nno colon here\r\n{filler}\r\n"),
+            "HTTP/1.1 400",
+        ),
+    ];
+    // The four cases run side by side, each tried 20 times in a row.
+    let tries: Vec<_> = cases
+        .into_iter()
+        .map(|(request, status)| {
+            let proxy = proxy.addr;
+            tokio::spawn(async move {
+                assert!(request.len() > 200 * 1024);
+                let what = request[..request.find('\r').unwrap()].to_owned();
+                let mut failed = 0;
+                let mut first = None;
+                for _ in 0..20 {
+                    let out = send_all_then_read(proxy, request.clone().into_bytes()).await;
+                    if !out.starts_with(status) {
+                        failed += 1;
+                        first.get_or_insert(out[..out.len().min(80)].to_owned());
+                    }
+                }
+                (failed > 0)
+                    .then(|| format!("{what}: {failed} of 20 did not get {status}, e.g. {first:?}"))
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for case in tries {
+        failures.extend(case.await.unwrap());
+    }
+    assert!(failures.is_empty(), "200 KB heads: {failures:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_body_cannot_hold_a_connection_slot_forever() {
+    let web = body_reading_upstream().await;
+    let allow = format!("web.test:{}", web.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &allow,
+            "--max-connections",
+            "1",
+            "--body-timeout",
+            "1s",
+        ],
+        &loopback_pin("web.test"),
+    );
+    // A body announced as 1,000 bytes, sent one byte every 100 ms.
+    let mut slow = connect(proxy.addr).await;
+    let head = format!(
+        "POST http://web.test:{}/upload HTTP/1.1\r\nHost: web.test\r\nContent-Length: 1000\r\n\r\n",
+        web.port()
+    );
+    send(&mut slow, head.as_bytes()).await;
+    let trickle = tokio::spawn(async move {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        for _ in 0..1000 {
+            if slow.write_all(b"x").await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    // The only slot is held by the trickle until the body timeout cuts it off.
+    let mut next = connect(proxy.addr).await;
+    let get = format!(
+        "POST http://web.test:{}/next HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+        web.port()
+    );
+    send(&mut next, get.as_bytes()).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(1 + 5), next.read_to_end(&mut out))
+        .await
+        .expect("the next client is served within the body timeout plus a margin")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("got 2 bytes"),
+        "{out}"
+    );
+    let answer = tokio::time::timeout(T, trickle).await.unwrap().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+
+    // A body that keeps coming (1 KiB every 300 ms) may take longer than the base time: each
+    // KiB earns a second.
+    let mut steady = connect(proxy.addr).await;
+    let head = format!(
+        "POST http://web.test:{}/steady HTTP/1.1\r\nHost: web.test\r\nContent-Length: 6144\r\nConnection: close\r\n\r\n",
+        web.port()
+    );
+    send(&mut steady, head.as_bytes()).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(&mut steady, &[b'y'; 1024]).await;
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(T, steady.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.ends_with("got 6144 bytes"), "{out}");
+    assert_eq!(
+        header(&answer, "x-paude-deny"),
+        Some("body_timeout"),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_closes_connections_that_send_nothing() {
+    let proxy = start(
+        &["--admin-listen", "127.0.0.1:0", "--header-timeout", "500ms"],
+        &[],
+    );
+    let admin = proxy.admin.unwrap();
+    let mut silent = connect(admin).await;
+    let mut partial = connect(admin).await;
+    send(&mut partial, b"GET /metrics HTTP/1.1\r\nHost: a").await;
+    for s in [&mut silent, &mut partial] {
+        let mut out = Vec::new();
+        tokio::time::timeout(
+            Duration::from_millis(500) + Duration::from_secs(5),
+            s.read_to_end(&mut out),
+        )
+        .await
+        .expect("closed within the header timeout plus a margin")
+        .ok();
+    }
 }

@@ -1595,7 +1595,10 @@ impl Backend for Podman {
         let container = self.proxy_container(name).await?;
         if running {
             // The proxy itself checks the candidate first, so a configuration it would refuse
-            // never replaces the one in force.
+            // never replaces the one in force, and renames it over the file in force: the
+            // archive API rewrites a file in place, which the running proxy's watcher could
+            // read half-written. Root runs it because the configuration directory is root's,
+            // and the proxy's own user must not be able to change its configuration.
             self.upload(
                 &container,
                 &[(PROXY_CANDIDATE_PATH, toml.as_bytes(), 0o644)],
@@ -1606,12 +1609,13 @@ impl Backend for Podman {
                 "--check",
                 "--config",
                 PROXY_CANDIDATE_PATH,
+                "--install-as",
+                PROXY_CONFIG_PATH,
             ]
             .map(str::to_owned)
             .to_vec();
-            let user = format!("{PROXY_UID}:{PROXY_UID}");
             let (exec_id, started) = self
-                .exec_in(&container, &user, None, &argv, false, false)
+                .exec_in(&container, "0:0", None, &argv, false, false)
                 .await?;
             let out = self.collect(&exec_id, started).await?;
             if out.code != 0 {
@@ -1620,9 +1624,11 @@ impl Backend for Podman {
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
+        } else {
+            // Nothing reads the file of a stopped proxy until it starts.
+            self.upload(&container, &[(PROXY_CONFIG_PATH, toml.as_bytes(), 0o644)])
+                .await?;
         }
-        self.upload(&container, &[(PROXY_CONFIG_PATH, toml.as_bytes(), 0o644)])
-            .await?;
         if running {
             let docker = self.docker().await?;
             docker

@@ -41,6 +41,9 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// The read end of a stdout pipe nobody reads ([`Proxy::start_with_stalled_stdout`]), kept
+    /// open so the proxy's writes block instead of failing.
+    stalled_stdout: Option<std::process::ChildStdout>,
 }
 
 impl Proxy {
@@ -49,8 +52,19 @@ impl Proxy {
         Proxy::try_start(args).unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
     }
 
+    /// Starts the binary like [`Proxy::start`], but nobody ever reads its stdout: once the pipe
+    /// is full, every write to stdout blocks (an audit log reader that stopped reading).
+    pub fn start_with_stalled_stdout(args: &[&str]) -> Proxy {
+        Proxy::try_start_with(args, false)
+            .unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
+    }
+
     /// Starts the binary, returning its stderr if it exits before listening.
     pub fn try_start(args: &[&str]) -> Result<Proxy, String> {
+        Proxy::try_start_with(args, true)
+    }
+
+    fn try_start_with(args: &[&str], read_stdout: bool) -> Result<Proxy, String> {
         let listen: &[&str] = if args.contains(&"--listen") {
             &[]
         } else {
@@ -78,14 +92,19 @@ impl Proxy {
         });
         let stdout = Arc::new(Mutex::new(String::new()));
         let out_pipe = child.stdout.take().expect("stdout is piped");
-        let out_sink = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                let mut out = out_sink.lock().unwrap();
-                out.push_str(&line);
-                out.push('\n');
-            }
-        });
+        let stalled_stdout = if read_stdout {
+            let out_sink = stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                    let mut out = out_sink.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+            None
+        } else {
+            Some(out_pipe)
+        };
         let mut addr = None;
         let mut admin = None;
         let want_admin = args.contains(&"--admin-listen");
@@ -114,7 +133,31 @@ impl Proxy {
             admin,
             stderr,
             stdout,
+            stalled_stdout,
         })
+    }
+
+    /// The proxy's resident memory now, in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc is mounted");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS is a number of kB")
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code, or `None` if it still runs.
+    pub fn wait_exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait works") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Everything the proxy wrote to stderr so far.
@@ -195,14 +238,7 @@ impl Proxy {
 
     /// Waits for the process to exit and returns its exit code.
     pub fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + T;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait works") {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.wait_exit_within(T)
     }
 }
 
@@ -227,9 +263,12 @@ pub fn run_binary(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// A plain HTTP upstream on 127.0.0.1 that answers every request with its method, URI and
-/// request headers in the body.
-pub async fn http_upstream() -> SocketAddr {
+/// A plain HTTP upstream on 127.0.0.1 that answers every request with `answer`.
+pub async fn hyper_upstream<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -237,18 +276,11 @@ pub async fn http_upstream() -> SocketAddr {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let service = service_fn(|req: Request<Incoming>| async move {
-                    let mut body = format!("upstream saw {} {}\n", req.method(), req.uri());
-                    for (name, value) in req.headers() {
-                        body.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
-                    }
-                    let resp = Response::builder()
-                        .header("x-upstream", "yes")
-                        .header("keep-alive", "timeout=5")
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap();
-                    Ok::<_, Infallible>(resp)
+                let service = service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -257,6 +289,23 @@ pub async fn http_upstream() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A plain HTTP upstream on 127.0.0.1 that answers every request with its method, URI and
+/// request headers in the body.
+pub async fn http_upstream() -> SocketAddr {
+    hyper_upstream(|req: Request<Incoming>| async move {
+        let mut body = format!("upstream saw {} {}\n", req.method(), req.uri());
+        for (name, value) in req.headers() {
+            body.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+        }
+        Response::builder()
+            .header("x-upstream", "yes")
+            .header("keep-alive", "timeout=5")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    })
+    .await
 }
 
 /// A TLS upstream and the CA that signed its certificate.
@@ -591,4 +640,115 @@ pub async fn static_tls_upstream(
         }
     });
     addr
+}
+
+/// A DNS server on loopback that answers every A query with `v4` (and AAAA with no address),
+/// or every query with NXDOMAIN when `v4` is `None`.
+pub async fn dns_server(v4: Option<std::net::Ipv4Addr>) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            // The question: labels up to the root, then type and class.
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += 1 + buf[end] as usize;
+            }
+            if end + 5 > n {
+                continue;
+            }
+            let qtype = u16::from_be_bytes([buf[end + 1], buf[end + 2]]);
+            let mut reply = buf[..end + 5].to_vec();
+            reply[2] = 0x80 | (reply[2] & 0x01); // QR, keep RD
+            reply[6..12].fill(0);
+            match v4 {
+                None => reply[3] = 0x80 | 0x03, // RA, NXDOMAIN
+                Some(ip) => {
+                    reply[3] = 0x80; // RA, NOERROR
+                    if qtype == 1 {
+                        reply[7] = 1; // one answer: the name, A, IN, TTL 60, 4 bytes
+                        reply.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+                        reply.extend_from_slice(&ip.octets());
+                    }
+                }
+            }
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+/// A TLS 1.3 ClientHello record built by hand, for hellos no real client here sends: `sni` is
+/// written verbatim into the server_name extension (an IP literal too), or left out with
+/// `None`; `extra` extensions (type, data) follow it.
+pub fn handmade_client_hello(sni: Option<&str>, extra: &[(u16, &[u8])]) -> Vec<u8> {
+    fn u16be(out: &mut Vec<u8>, v: usize) {
+        out.extend_from_slice(&(v as u16).to_be_bytes());
+    }
+    let mut extensions: Vec<(u16, Vec<u8>)> = Vec::new();
+    if let Some(name) = sni {
+        let mut list = Vec::new();
+        u16be(&mut list, name.len() + 3);
+        list.push(0);
+        u16be(&mut list, name.len());
+        list.extend_from_slice(name.as_bytes());
+        extensions.push((0x0000, list));
+    }
+    extensions.push((0x000a, vec![0, 2, 0x00, 0x1d])); // supported_groups: x25519
+    extensions.push((0x000d, vec![0, 2, 0x08, 0x04])); // signature_algorithms: rsa_pss_sha256
+    extensions.push((0x002b, vec![2, 0x03, 0x04])); // supported_versions: TLS 1.3
+    let mut share = vec![0, 36, 0x00, 0x1d, 0, 32];
+    share.extend([7u8; 32]);
+    extensions.push((0x0033, share)); // key_share
+    extensions.extend(extra.iter().map(|(t, d)| (*t, d.to_vec())));
+    let mut body = vec![0x03, 0x03];
+    body.extend([0x5a; 32]); // random
+    body.push(0); // no legacy session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]); // TLS_AES_128_GCM_SHA256; null compression
+    let mut ext_bytes = Vec::new();
+    for (kind, data) in &extensions {
+        u16be(&mut ext_bytes, *kind as usize);
+        u16be(&mut ext_bytes, data.len());
+        ext_bytes.extend_from_slice(data);
+    }
+    u16be(&mut body, ext_bytes.len());
+    body.extend_from_slice(&ext_bytes);
+    let mut record = vec![0x16, 0x03, 0x01];
+    u16be(&mut record, body.len() + 4);
+    record.push(1); // client_hello
+    record.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    record.extend_from_slice(&body);
+    record
+}
+
+/// The first flight of a real TLS client (rustls) for `name`, with or without SNI.
+pub fn rustls_client_hello(name: &str, send_sni: bool) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    config.enable_sni = send_sni;
+    let name = ServerName::try_from(name.to_owned()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// A plain HTTP upstream on 127.0.0.1 that reads each request's whole body before answering
+/// with its length, as an upload endpoint does.
+pub async fn body_reading_upstream() -> SocketAddr {
+    use http_body_util::BodyExt;
+    hyper_upstream(|req: Request<Incoming>| async move {
+        let len = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => 0,
+        };
+        Response::new(Full::new(Bytes::from(format!("got {len} bytes"))))
+    })
+    .await
 }

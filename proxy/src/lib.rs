@@ -175,6 +175,7 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let watch_interval = settings.watch_interval;
+    // Made before the listening line below: the watcher's baseline is the content as loaded.
     let reloader = Arc::new(Reloader::new(cli, core.clone(), settings));
     tokio::spawn(reloader.clone().watch(watch_interval, shutdown.clone()));
     {

@@ -18,14 +18,19 @@ pub struct Reloader {
     core: Arc<Core>,
     /// The settings of the last successful load, to compare and to find the files to watch.
     last: Mutex<Settings>,
+    /// The content fingerprint of the watched files when the reloader was made, before the
+    /// proxy reports that it listens: a change made after that report is always noticed.
+    baseline: u64,
 }
 
 impl Reloader {
     pub fn new(cli: Cli, core: Arc<Core>, settings: Settings) -> Reloader {
+        let baseline = config::fingerprint(cli.config.as_deref(), settings.policies.as_deref());
         Reloader {
             cli,
             core,
             last: Mutex::new(settings),
+            baseline,
         }
     }
 
@@ -70,12 +75,7 @@ impl Reloader {
         {
             return;
         }
-        let mut seen = {
-            let me = self.clone();
-            tokio::task::spawn_blocking(move || me.fingerprint())
-                .await
-                .unwrap_or(0)
-        };
+        let mut seen = self.baseline;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -23,10 +23,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The bound on every wait in these tests.
-pub const T: Duration = Duration::from_secs(10);
+/// The bound on every wait in these tests: a guard against hangs, not a measure of speed, so it
+/// is generous enough for a machine busy with other builds. No passing test waits for it.
+pub const T: Duration = Duration::from_secs(30);
 
-/// A running paude-proxy binary, killed when dropped.
 /// Open file descriptors by kind, from `/proc/PID/fd`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FdCount {
@@ -35,12 +35,16 @@ pub struct FdCount {
     pub other: usize,
 }
 
+/// A running paude-proxy binary, killed when dropped.
 pub struct Proxy {
     child: Child,
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// The threads copying the child's stdout and stderr; they end when the child's pipes
+    /// close, so joining them after exit means every line it wrote has been read.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -69,7 +73,7 @@ impl Proxy {
         let (tx, rx) = mpsc::channel();
         let pipe = child.stderr.take().expect("stderr is piped");
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
@@ -79,7 +83,7 @@ impl Proxy {
         let stdout = Arc::new(Mutex::new(String::new()));
         let out_pipe = child.stdout.take().expect("stdout is piped");
         let out_sink = stdout.clone();
-        std::thread::spawn(move || {
+        let stdout_reader = std::thread::spawn(move || {
             for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
                 let mut out = out_sink.lock().unwrap();
                 out.push_str(&line);
@@ -103,7 +107,9 @@ impl Proxy {
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Once the child is gone its pipes close: the readers have every line.
+                    let _ = stderr_reader.join();
+                    let _ = stdout_reader.join();
                     return Err(stderr.lock().unwrap().clone());
                 }
             }
@@ -114,6 +120,7 @@ impl Proxy {
             admin,
             stderr,
             stdout,
+            readers: vec![stderr_reader, stdout_reader],
         })
     }
 
@@ -148,10 +155,18 @@ impl Proxy {
         count
     }
 
-    /// How many threads the proxy process runs.
-    pub fn threads(&self) -> usize {
+    /// How many serving threads (`paude-proxy-N`) the proxy process runs. Other threads, such
+    /// as the blocking pool's, come and go with the work and are not counted.
+    pub fn serving_threads(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
             .expect("/proc is mounted")
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .filter(|comm| {
+                comm.trim()
+                    .strip_prefix("paude-proxy-")
+                    .is_some_and(|n| n.parse::<usize>().is_ok())
+            })
             .count()
     }
 
@@ -193,11 +208,15 @@ impl Proxy {
         assert!(status.success(), "kill -{sig} failed");
     }
 
-    /// Waits for the process to exit and returns its exit code.
+    /// Waits for the process to exit and returns its exit code; afterwards `stderr` and
+    /// `stdout` hold everything the process wrote.
     pub fn wait_exit(&mut self) -> Option<i32> {
         let deadline = Instant::now() + T;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("try_wait works") {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(50));

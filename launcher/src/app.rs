@@ -151,39 +151,36 @@ fn host_context(agent_home_dirs: &[&str]) -> Result<HostContext> {
     })
 }
 
-/// Finds the paude-proxy binary: `PAUDE_PROXY_BIN`, next to this executable, then PATH.
-pub fn find_proxy_binary() -> Result<PathBuf> {
+/// The paude-proxy binary of the proxy image and its identity: the one `PAUDE_PROXY_BIN` names
+/// when set (a standalone build, e.g. a static one for a `scratch` image), else this very
+/// paude-launch, which is paude-proxy when run under that name. No binary is looked up next to
+/// paude-launch or on PATH: one that was built from other sources would silently run instead.
+pub fn proxy_binary() -> Result<(Vec<u8>, String)> {
     if let Some(p) = std::env::var_os("PAUDE_PROXY_BIN") {
         let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
+        if !p.is_file() {
+            bail!(
+                "PAUDE_PROXY_BIN points to '{}', which is not a file: build one with \
+                 `cargo build --release -p paude-proxy`, or unset it to use the proxy built into \
+                 paude-launch",
+                p.display()
+            );
         }
-        bail!(
-            "PAUDE_PROXY_BIN points to '{}', which is not a file: build it with \
-             `cargo build --release -p paude-proxy` or fix the variable",
-            p.display()
-        );
+        let bytes = std::fs::read(&p)
+            .with_context(|| format!("cannot read the paude-proxy binary '{}'", p.display()))?;
+        let identity = images::proxy_identity(&bytes);
+        return Ok((bytes, identity));
     }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("paude-proxy")));
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("paude-proxy"))
-            .find(|p| p.is_file())
-    });
-    beside.filter(|p| p.is_file()).or(on_path).context(
-        "paude-proxy not found (looked at PAUDE_PROXY_BIN, next to paude-launch and on PATH): \
-             build it with `cargo build --release -p paude-proxy` and put it next to paude-launch \
-             or on PATH, or set PAUDE_PROXY_BIN",
-    )
+    // The running binary itself, even if its file was replaced since it started.
+    let bytes = std::fs::read("/proc/self/exe")
+        .or_else(|_| std::fs::read(std::env::current_exe()?))
+        .context("cannot read this paude-launch binary, which is the proxy image's paude-proxy")?;
+    Ok((bytes, images::builtin_proxy_identity()))
 }
 
 /// Loads the image inputs: the proxy binary and the optional CA bundle.
 fn load_inputs(spec: &SessionSpec) -> Result<ImageInputs> {
-    let bin = find_proxy_binary()?;
-    let bytes = std::fs::read(&bin)
-        .with_context(|| format!("cannot read the paude-proxy binary '{}'", bin.display()))?;
+    let (bytes, identity) = proxy_binary()?;
     let ca_bundle = match &spec.images.ca_bundle {
         Some(path) => Some(Arc::new(read_ca_bundle(path)?)),
         None => None,
@@ -191,6 +188,7 @@ fn load_inputs(spec: &SessionSpec) -> Result<ImageInputs> {
     Ok(ImageInputs {
         proxy_is_static: images::elf_is_static(&bytes),
         proxy_binary: Arc::new(bytes),
+        proxy_identity: identity,
         ca_bundle,
     })
 }

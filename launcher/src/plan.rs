@@ -509,6 +509,7 @@ mod tests {
     fn inputs() -> ImageInputs {
         ImageInputs {
             proxy_binary: Arc::new(b"proxy".to_vec()),
+            proxy_identity: "paude-proxy build test".into(),
             proxy_is_static: true,
             ca_bundle: None,
         }

@@ -1478,6 +1478,7 @@ mod tests {
         let spec = SessionSpec::from_args(&args, BackendKind::Podman, host).unwrap();
         let inputs = ImageInputs {
             proxy_binary: std::sync::Arc::new(b"bin".to_vec()),
+            proxy_identity: "paude-proxy build test".into(),
             proxy_is_static: true,
             ca_bundle: None,
         };

@@ -15,3 +15,7 @@ pub mod git;
 pub mod images;
 pub mod plan;
 pub mod spec;
+
+#[cfg(test)]
+#[path = "../../tests/require.rs"]
+mod require;

@@ -1015,6 +1015,7 @@ async fn sigterm_drains_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_the_proxy_the_worked_readme_example() {
+    require::require(&[require::program("curl", "curl")]);
     let web = http_upstream().await;
     let tls = tls_upstream().await;
     let dir = tempfile::tempdir().unwrap();
@@ -1361,6 +1362,7 @@ async fn git(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_clones_over_https_through_the_proxy() {
+    require::require(&[require::program("git", "git")]);
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
     let served = work.path().join("served");
@@ -1442,6 +1444,17 @@ async fn git_clones_over_https_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pip_downloads_from_an_index_through_the_proxy() {
+    require::require(&[require::program("python3", "python3-pip")]);
+    let pip = std::process::Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        pip,
+        "pip is not installed for python3, and this test needs it: install with `apt-get install \
+         -y python3-pip` (or run `bash .ci/run` as root, which installs everything the tests need \
+         and runs them)"
+    );
     let work = tempfile::tempdir().unwrap();
     let served = work.path().join("served");
     let pkg_dir = served.join("simple/tinypkg");

@@ -7,6 +7,12 @@
 //! debootstrap, and the upstream server sits on an internal network of its own that the
 //! session's proxy joins through `--egress-network`.
 
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
+#[path = "../../../tests/require.rs"]
+pub mod require;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -111,31 +117,41 @@ pub fn containers_conf() -> PathBuf {
     repo_root().join("tests/podman/containers.conf")
 }
 
-/// Fails with the install command when a tool the suite drives is missing.
-pub fn require_tools(tools: &[&str]) -> Result<()> {
-    // runc and debootstrap live in /usr/sbin, which a non-login PATH may lack; Podman and
-    // make-base-image.sh find them there anyway.
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .collect();
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| !dirs.iter().any(|dir| dir.join(tool).is_file()))
-        .collect();
-    ensure!(
-        missing.is_empty(),
-        "{} not found on PATH: install with `apt-get install -y podman runc debootstrap git bsdutils` \
-         (the list .ci/run installs)",
-        missing.join(", ")
-    );
-    Ok(())
-}
+/// Every program the Podman suite drives, with the package that brings it. runc and
+/// debootstrap live in /usr/sbin, which a non-login PATH may lack; Podman and
+/// make-base-image.sh find them there anyway.
+pub const SUITE_TOOLS: &[require::Tool] = &[
+    require::program("podman", "podman"),
+    require::program("runc", "runc"),
+    require::program("debootstrap", "debootstrap"),
+    require::program("git", "git"),
+    require::program("tar", "tar"),
+    require::program("script", "bsdutils"),
+    require::program("tmux", "tmux"),
+    // Podman's init for `--init` containers, and the CNI plugins of its networks.
+    require::Tool {
+        name: "catatonit",
+        candidates: &[
+            "/usr/libexec/podman/catatonit",
+            "/usr/bin/catatonit",
+            "catatonit",
+        ],
+        package: "catatonit",
+    },
+    require::Tool {
+        name: "the CNI bridge plugin",
+        candidates: &["/usr/lib/cni/bridge", "/opt/cni/bin/bridge"],
+        package: "containernetworking-plugins",
+    },
+];
 
-/// Every tool the suite drives, checked before anything runs.
+/// Fails with the install command when a program the suite drives is missing.
 pub fn require_suite_tools() -> Result<()> {
-    require_tools(&["podman", "runc", "debootstrap", "git", "tar", "script"])
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match require::missing_message(SUITE_TOOLS, &require::search_dirs(&path)) {
+        Some(message) => bail!("{message}"),
+        None => Ok(()),
+    }
 }
 
 /// The paude-proxy binary built by the same `cargo test --workspace` run, which sits next to

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../tests/require.rs"]
+pub mod require;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -201,11 +204,16 @@ impl Proxy {
 
     /// Sends a signal (`HUP`, `TERM`) to the proxy.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{sig} failed");
+        let number = match sig {
+            "HUP" => libc::SIGHUP,
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            other => panic!("no such signal in these tests: {other}"),
+        };
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) only sends a signal to the child this test started.
+        let sent = unsafe { libc::kill(pid, number) };
+        assert_eq!(sent, 0, "kill -{sig} failed");
     }
 
     /// Waits for the process to exit and returns its exit code; afterwards `stderr` and

@@ -58,6 +58,10 @@ const PROXY_MEMORY: i64 = 512 << 20;
 const PROXY_CANDIDATE_PATH: &str = "/etc/paude-proxy/candidate.toml";
 /// Process limit of the proxy container.
 const PROXY_PIDS: i64 = 256;
+/// How long to wait for the engine to do something it always does in a moment (start its API
+/// service, run the proxy, record an exit status): a guard against an engine that never does,
+/// generous enough for a machine busy with other work.
+const ENGINE_WAIT: Duration = Duration::from_secs(60);
 
 /// The Podman (or Docker) engine, connected on first use.
 pub struct Podman {
@@ -193,7 +197,7 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
         }
     };
     let service = Service { child, dir };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
     loop {
         if socket.exists() {
             if let Ok(docker) = Docker::connect_with_unix(&url, API_TIMEOUT_SECS, &API_VERSION) {
@@ -207,8 +211,9 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
-                "`podman system service` did not answer on {url} within 20 s: run \
-                 `podman system service --time=0 {url}` yourself to see why, or set DOCKER_HOST"
+                "`podman system service` did not answer on {url} within {} s: run \
+                 `podman system service --time=0 {url}` yourself to see why, or set DOCKER_HOST",
+                ENGINE_WAIT.as_secs()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -761,7 +766,7 @@ impl Podman {
     /// Waits until the proxy prints its listening line; fails with its log if it exits.
     async fn wait_for_proxy(&self, container: &str) -> Result<()> {
         let docker = self.docker().await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
         loop {
             let logs = self.logs(container, true, true).await.unwrap_or_default();
             if logs.contains("paude-proxy listening on") {
@@ -779,9 +784,12 @@ impl Podman {
                 bail!(
                     "the proxy {container} {}; its log:\n  {}",
                     if running {
-                        "did not report listening within 15 s"
+                        format!(
+                            "did not report listening within {} s",
+                            ENGINE_WAIT.as_secs()
+                        )
                     } else {
-                        "exited"
+                        "exited".to_owned()
                     },
                     tail.join("\n  ")
                 );
@@ -1002,17 +1010,25 @@ impl Podman {
         })
     }
 
-    /// The exit code of a finished exec.
+    /// The exit code of a finished exec. The engine records it a moment after the output
+    /// ends, later on a busy machine; the bound is for an engine that never does.
     async fn exit_code(&self, exec_id: &str) -> Result<i64> {
         let docker = self.docker().await?;
-        for _ in 0..50 {
+        let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
+        loop {
             let inspect = docker.inspect_exec(exec_id).await?;
             if inspect.running != Some(true) {
                 return Ok(inspect.exit_code.unwrap_or(1));
             }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the command in the container did not report its exit status within {} s: \
+                     check the engine with `podman ps`",
+                    ENGINE_WAIT.as_secs()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!("the command in the agent container did not report its exit status")
     }
 }
 

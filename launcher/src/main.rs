@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use paude_launch::{app, cli};
+use paude_launch::{app, backend, cli};
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("paude-launch: error: {e:#}");
+            eprintln!("paude-launch: error: {:#}", backend::hints::explain(e));
             ExitCode::FAILURE
         }
     }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -34,7 +34,7 @@ use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::{Backend, ExecOutput, Progress, SessionInfo, SessionState};
+use super::{hints, Backend, ExecOutput, Progress, SessionInfo, SessionState};
 use crate::cli::{BackendKind, Global};
 use crate::images::ImagePlan;
 use crate::plan::{
@@ -528,9 +528,7 @@ impl Podman {
     async fn build(&self, image: &ImagePlan, progress: Progress) -> Result<()> {
         let docker = self.docker().await?;
         let reference = image.reference();
-        progress.step(format!(
-            "building image {reference} (the first build takes a few minutes)"
-        ));
+        let mut shown = progress.build(&reference);
         let tar = context_tar(image)?;
         let build_labels = HashMap::from([("paude.image-hash".to_owned(), image.hash.clone())]);
         let opts = BuildImageOptionsBuilder::new()
@@ -542,20 +540,27 @@ impl Podman {
             .build();
         let mut stream = docker.build_image(opts, None, Some(body_full(tar.into())));
         let mut tail: VecDeque<String> = VecDeque::new();
-        let mut keep = |line: &str| {
-            progress.detail(line);
-            if tail.len() == BUILD_LOG_TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(line.to_owned());
-        };
         let mut failure = None;
-        while let Some(item) = stream.next().await {
+        // The status line's clock moves on while a step is silent.
+        let mut clock = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                _ = clock.tick() => {
+                    shown.tick(Instant::now());
+                    continue;
+                }
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(info) => {
                     if let Some(s) = &info.stream {
                         for l in s.lines().filter(|l| !l.trim().is_empty()) {
-                            keep(l);
+                            shown.line(l, Instant::now());
+                            if tail.len() == BUILD_LOG_TAIL {
+                                tail.pop_front();
+                            }
+                            tail.push_back(l.to_owned());
                         }
                     }
                     if let Some(detail) = info.error_detail {
@@ -569,16 +574,15 @@ impl Podman {
             }
         }
         if let Some(why) = failure {
+            shown.finish(false, Instant::now());
             let log: Vec<String> = tail.into_iter().collect();
-            bail!(
-                "building image {reference} failed: {why}\nlast lines of the build log:\n  {}\n\
-                 rerun with -v for the whole log; behind a TLS-intercepting proxy pass --ca-bundle FILE",
-                log.join("\n  ")
-            );
+            return Err(hints::build_failed(image, &why, &log));
         }
         if docker.inspect_image(&reference).await.is_err() {
+            shown.finish(false, Instant::now());
             bail!("building image {reference} reported success but the image is missing: rerun with -v");
         }
+        shown.finish(true, Instant::now());
         Ok(())
     }
 

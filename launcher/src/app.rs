@@ -319,7 +319,92 @@ async fn connect(backend: &dyn Backend, name: &SessionName) -> Result<()> {
              {name}` from an interactive shell (the session keeps running meanwhile)"
         );
     }
+    let inner = session_tmux_prefix(backend, name).await;
+    let outer = host_tmux_prefix().await;
+    eprintln!("{}", attach_hint(name, &inner, outer.as_deref()));
     backend.connect(name).await
+}
+
+/// tmux's default prefix key, which the agent's session uses unless its home holds a
+/// `.tmux.conf` that changes it.
+const DEFAULT_TMUX_PREFIX: &str = "C-b";
+
+/// The prefix key of the agent's tmux session, as tmux names it (`C-b`).
+async fn session_tmux_prefix(backend: &dyn Backend, name: &SessionName) -> String {
+    let argv = ["tmux", "display-message", "-p", "-t", "paude", "#{prefix}"].map(str::to_owned);
+    let asked = tokio::time::timeout(Duration::from_secs(10), backend.exec_capture(name, &argv));
+    match asked.await {
+        Ok(Ok(out)) if out.code == 0 => tmux_key(&String::from_utf8_lossy(&out.stdout)),
+        _ => None,
+    }
+    .unwrap_or_else(|| DEFAULT_TMUX_PREFIX.to_owned())
+}
+
+/// The prefix key of the user's own tmux, when paude-launch runs inside one (`$TMUX`).
+async fn host_tmux_prefix() -> Option<String> {
+    if std::env::var_os("TMUX").is_none_or(|t| t.is_empty()) {
+        return None;
+    }
+    let asked = tokio::process::Command::new("tmux")
+        .args(["display-message", "-p", "#{prefix}"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let known = match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(out)) if out.status.success() => tmux_key(&String::from_utf8_lossy(&out.stdout)),
+        _ => None,
+    };
+    // Inside a tmux that does not answer, its prefix is most likely the default one.
+    Some(known.unwrap_or_else(|| DEFAULT_TMUX_PREFIX.to_owned()))
+}
+
+/// A key as tmux printed it, or `None` when there is none (`None`, empty).
+fn tmux_key(printed: &str) -> Option<String> {
+    let key = printed.trim();
+    (!key.is_empty() && key != "None").then(|| key.to_owned())
+}
+
+/// A tmux key as people write it: `C-b` → `Ctrl-b`, `M-a` → `Alt-a`.
+fn key_name(key: &str) -> String {
+    let mut rest = key;
+    let mut out = String::new();
+    loop {
+        if let Some(r) = rest.strip_prefix("C-") {
+            out.push_str("Ctrl-");
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("M-") {
+            out.push_str("Alt-");
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("S-") {
+            out.push_str("Shift-");
+            rest = r;
+        } else {
+            out.push_str(rest);
+            return out;
+        }
+    }
+}
+
+/// What `connect` says before it hands the terminal to the agent's tmux: the keys that detach.
+/// Inside the user's own tmux with the same prefix, that tmux takes the first prefix, so the
+/// agent's is reached by pressing it twice (tmux's default `send-prefix` binding).
+pub fn attach_hint(name: &SessionName, inner: &str, outer: Option<&str>) -> String {
+    let key = key_name(inner);
+    let keys = match outer {
+        Some(outer) if outer == inner => format!(
+            "detach with {key} {key} d (you are inside tmux: {key} d alone would detach your own)"
+        ),
+        Some(outer) => format!(
+            "detach with {key} d (your own tmux's prefix is {}, so {key} reaches the agent's)",
+            key_name(outer)
+        ),
+        None => format!("detach with {key} d"),
+    };
+    format!(
+        "paude: attaching to session {name}: {keys}; the agent keeps working, and \
+         `paude-launch connect {name}` comes back"
+    )
 }
 
 /// `list`: the table, or a hint when there is nothing.
@@ -544,6 +629,23 @@ mod tests {
         assert!(s.contains("state:       degraded (proxy missing)\n"), "{s}");
         assert!(s.contains("proxy:       10.89.0.2:3128\n"), "{s}");
         assert!(s.contains("age:         30s\n"), "{s}");
+    }
+
+    #[test]
+    fn the_attach_hint_names_the_detach_keys_for_plain_and_nested_tmux() {
+        let name = SessionName::parse("demo").unwrap();
+        let plain = attach_hint(&name, "C-b", None);
+        assert!(plain.contains("detach with Ctrl-b d;"), "{plain}");
+        assert!(plain.contains("`paude-launch connect demo`"), "{plain}");
+        let nested = attach_hint(&name, "C-b", Some("C-b"));
+        assert!(nested.contains("detach with Ctrl-b Ctrl-b d ("), "{nested}");
+        let other = attach_hint(&name, "C-b", Some("C-a"));
+        assert!(other.contains("detach with Ctrl-b d (your own tmux's prefix is Ctrl-a"));
+        assert!(attach_hint(&name, "M-a", None).contains("detach with Alt-a d;"));
+        assert_eq!(key_name("C-M-x"), "Ctrl-Alt-x");
+        assert_eq!(tmux_key("C-b\n").as_deref(), Some("C-b"));
+        assert_eq!(tmux_key("None\n"), None);
+        assert_eq!(tmux_key(""), None);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[path = "../../tests/require.rs"]
+mod require;
+
 /// The paude-proxy binary `cargo test --workspace` builds next to this test's directory.
 fn paude_proxy_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
@@ -28,6 +31,11 @@ const PEERS: &str = "direct,bare-relay,paude-proxy,squid,tinyproxy";
 
 #[tokio::test]
 async fn smoke_mode_measures_every_scenario_on_every_path() {
+    require::require(&[
+        require::program("squid", "squid"),
+        require::program("tinyproxy", "tinyproxy"),
+        require::program("unshare", "util-linux"),
+    ]);
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_paude-benches"));
     command
         .args(["smoke", "--peers", PEERS, "--paude-bin"])

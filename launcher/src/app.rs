@@ -151,39 +151,36 @@ fn host_context(agent_home_dirs: &[&str]) -> Result<HostContext> {
     })
 }
 
-/// Finds the paude-proxy binary: `PAUDE_PROXY_BIN`, next to this executable, then PATH.
-pub fn find_proxy_binary() -> Result<PathBuf> {
+/// The paude-proxy binary of the proxy image and its identity: the one `PAUDE_PROXY_BIN` names
+/// when set (a standalone build, e.g. a static one for a `scratch` image), else this very
+/// paude-launch, which is paude-proxy when run under that name. No binary is looked up next to
+/// paude-launch or on PATH: one that was built from other sources would silently run instead.
+pub fn proxy_binary() -> Result<(Vec<u8>, String)> {
     if let Some(p) = std::env::var_os("PAUDE_PROXY_BIN") {
         let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
+        if !p.is_file() {
+            bail!(
+                "PAUDE_PROXY_BIN points to '{}', which is not a file: build one with \
+                 `cargo build --release -p paude-proxy`, or unset it to use the proxy built into \
+                 paude-launch",
+                p.display()
+            );
         }
-        bail!(
-            "PAUDE_PROXY_BIN points to '{}', which is not a file: build it with \
-             `cargo build --release -p paude-proxy` or fix the variable",
-            p.display()
-        );
+        let bytes = std::fs::read(&p)
+            .with_context(|| format!("cannot read the paude-proxy binary '{}'", p.display()))?;
+        let identity = images::proxy_identity(&bytes);
+        return Ok((bytes, identity));
     }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("paude-proxy")));
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("paude-proxy"))
-            .find(|p| p.is_file())
-    });
-    beside.filter(|p| p.is_file()).or(on_path).context(
-        "paude-proxy not found (looked at PAUDE_PROXY_BIN, next to paude-launch and on PATH): \
-             build it with `cargo build --release -p paude-proxy` and put it next to paude-launch \
-             or on PATH, or set PAUDE_PROXY_BIN",
-    )
+    // The running binary itself, even if its file was replaced since it started.
+    let bytes = std::fs::read("/proc/self/exe")
+        .or_else(|_| std::fs::read(std::env::current_exe()?))
+        .context("cannot read this paude-launch binary, which is the proxy image's paude-proxy")?;
+    Ok((bytes, images::builtin_proxy_identity()))
 }
 
 /// Loads the image inputs: the proxy binary and the optional CA bundle.
 fn load_inputs(spec: &SessionSpec) -> Result<ImageInputs> {
-    let bin = find_proxy_binary()?;
-    let bytes = std::fs::read(&bin)
-        .with_context(|| format!("cannot read the paude-proxy binary '{}'", bin.display()))?;
+    let (bytes, identity) = proxy_binary()?;
     let ca_bundle = match &spec.images.ca_bundle {
         Some(path) => Some(Arc::new(read_ca_bundle(path)?)),
         None => None,
@@ -191,6 +188,7 @@ fn load_inputs(spec: &SessionSpec) -> Result<ImageInputs> {
     Ok(ImageInputs {
         proxy_is_static: images::elf_is_static(&bytes),
         proxy_binary: Arc::new(bytes),
+        proxy_identity: identity,
         ca_bundle,
     })
 }
@@ -321,7 +319,92 @@ async fn connect(backend: &dyn Backend, name: &SessionName) -> Result<()> {
              {name}` from an interactive shell (the session keeps running meanwhile)"
         );
     }
+    let inner = session_tmux_prefix(backend, name).await;
+    let outer = host_tmux_prefix().await;
+    eprintln!("{}", attach_hint(name, &inner, outer.as_deref()));
     backend.connect(name).await
+}
+
+/// tmux's default prefix key, which the agent's session uses unless its home holds a
+/// `.tmux.conf` that changes it.
+const DEFAULT_TMUX_PREFIX: &str = "C-b";
+
+/// The prefix key of the agent's tmux session, as tmux names it (`C-b`).
+async fn session_tmux_prefix(backend: &dyn Backend, name: &SessionName) -> String {
+    let argv = ["tmux", "display-message", "-p", "-t", "paude", "#{prefix}"].map(str::to_owned);
+    let asked = tokio::time::timeout(Duration::from_secs(10), backend.exec_capture(name, &argv));
+    match asked.await {
+        Ok(Ok(out)) if out.code == 0 => tmux_key(&String::from_utf8_lossy(&out.stdout)),
+        _ => None,
+    }
+    .unwrap_or_else(|| DEFAULT_TMUX_PREFIX.to_owned())
+}
+
+/// The prefix key of the user's own tmux, when paude-launch runs inside one (`$TMUX`).
+async fn host_tmux_prefix() -> Option<String> {
+    if std::env::var_os("TMUX").is_none_or(|t| t.is_empty()) {
+        return None;
+    }
+    let asked = tokio::process::Command::new("tmux")
+        .args(["display-message", "-p", "#{prefix}"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let known = match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(out)) if out.status.success() => tmux_key(&String::from_utf8_lossy(&out.stdout)),
+        _ => None,
+    };
+    // Inside a tmux that does not answer, its prefix is most likely the default one.
+    Some(known.unwrap_or_else(|| DEFAULT_TMUX_PREFIX.to_owned()))
+}
+
+/// A key as tmux printed it, or `None` when there is none (`None`, empty).
+fn tmux_key(printed: &str) -> Option<String> {
+    let key = printed.trim();
+    (!key.is_empty() && key != "None").then(|| key.to_owned())
+}
+
+/// A tmux key as people write it: `C-b` → `Ctrl-b`, `M-a` → `Alt-a`.
+fn key_name(key: &str) -> String {
+    let mut rest = key;
+    let mut out = String::new();
+    loop {
+        if let Some(r) = rest.strip_prefix("C-") {
+            out.push_str("Ctrl-");
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("M-") {
+            out.push_str("Alt-");
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("S-") {
+            out.push_str("Shift-");
+            rest = r;
+        } else {
+            out.push_str(rest);
+            return out;
+        }
+    }
+}
+
+/// What `connect` says before it hands the terminal to the agent's tmux: the keys that detach.
+/// Inside the user's own tmux with the same prefix, that tmux takes the first prefix, so the
+/// agent's is reached by pressing it twice (tmux's default `send-prefix` binding).
+pub fn attach_hint(name: &SessionName, inner: &str, outer: Option<&str>) -> String {
+    let key = key_name(inner);
+    let keys = match outer {
+        Some(outer) if outer == inner => format!(
+            "detach with {key} {key} d (you are inside tmux: {key} d alone would detach your own)"
+        ),
+        Some(outer) => format!(
+            "detach with {key} d (your own tmux's prefix is {}, so {key} reaches the agent's)",
+            key_name(outer)
+        ),
+        None => format!("detach with {key} d"),
+    };
+    format!(
+        "paude: attaching to session {name}: {keys}; the agent keeps working, and \
+         `paude-launch connect {name}` comes back"
+    )
 }
 
 /// `list`: the table, or a hint when there is nothing.
@@ -546,6 +629,23 @@ mod tests {
         assert!(s.contains("state:       degraded (proxy missing)\n"), "{s}");
         assert!(s.contains("proxy:       10.89.0.2:3128\n"), "{s}");
         assert!(s.contains("age:         30s\n"), "{s}");
+    }
+
+    #[test]
+    fn the_attach_hint_names_the_detach_keys_for_plain_and_nested_tmux() {
+        let name = SessionName::parse("demo").unwrap();
+        let plain = attach_hint(&name, "C-b", None);
+        assert!(plain.contains("detach with Ctrl-b d;"), "{plain}");
+        assert!(plain.contains("`paude-launch connect demo`"), "{plain}");
+        let nested = attach_hint(&name, "C-b", Some("C-b"));
+        assert!(nested.contains("detach with Ctrl-b Ctrl-b d ("), "{nested}");
+        let other = attach_hint(&name, "C-b", Some("C-a"));
+        assert!(other.contains("detach with Ctrl-b d (your own tmux's prefix is Ctrl-a"));
+        assert!(attach_hint(&name, "M-a", None).contains("detach with Alt-a d;"));
+        assert_eq!(key_name("C-M-x"), "Ctrl-Alt-x");
+        assert_eq!(tmux_key("C-b\n").as_deref(), Some("C-b"));
+        assert_eq!(tmux_key("None\n"), None);
+        assert_eq!(tmux_key(""), None);
     }
 
     #[test]

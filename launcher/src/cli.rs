@@ -4,7 +4,52 @@
 
 use std::path::PathBuf;
 
+use clap::builder::styling::Style;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// The help heading of flags only the Podman backend uses.
+const PODMAN: &str = "Podman options";
+/// The help heading of flags only the cluster backend uses.
+const CLUSTER: &str = "Cluster options (--backend openshift)";
+
+/// The examples under `run --help` and `create --help`, with a heading styled like clap's own.
+fn examples(verb: &str) -> String {
+    let heading = Style::new().bold().underline();
+    let examples: &[(&str, &str)] = &[
+        ("the default agent (claude) on this directory's session", ""),
+        (
+            "act without asking, and push this branch in",
+            " --yolo --git",
+        ),
+        (
+            "a plain shell on this directory itself",
+            " --agent shell --mount",
+        ),
+        (
+            "allow one more domain",
+            " --allowed-domains default --allowed-domains .example.com",
+        ),
+        (
+            "no registry here: start from a local base image",
+            " --base-image localhost/debian:12 --proxy-base-image localhost/debian:12",
+        ),
+        (
+            "the same on a cluster",
+            " my-project --backend openshift --git",
+        ),
+        ("print what would be made, and touch nothing", " --dry-run"),
+        (
+            "arguments after -- go to the agent",
+            " -- -p \"fix the tests\"",
+        ),
+    ];
+    let mut out = format!("{heading}Examples:{heading:#}\n");
+    for (what, args) in examples {
+        out.push_str(&format!("  # {what}\n  paude-launch {verb}{args}\n"));
+    }
+    out.push_str("\nDetach from the agent with Ctrl-b d; `paude-launch connect NAME` comes back.");
+    out
+}
 
 /// Runs AI coding agents in a container whose only way out is paude-proxy.
 #[derive(Debug, Parser)]
@@ -20,8 +65,9 @@ pub struct Cli {
 /// Flags every subcommand accepts.
 #[derive(Debug, Args, Clone)]
 pub struct Global {
-    /// Where sessions run.
-    #[arg(long, global = true, env = "PAUDE_BACKEND", value_enum, default_value_t = BackendKind::Podman)]
+    /// Where sessions run: podman (local Podman or Docker) or openshift (an OpenShift or
+    /// Kubernetes cluster from the current kubeconfig context).
+    #[arg(long, global = true, env = "PAUDE_BACKEND", value_enum, default_value_t = BackendKind::Podman, hide_possible_values = true)]
     pub backend: BackendKind,
     /// Print every resource that would be created or changed, and touch nothing.
     #[arg(long, global = true)]
@@ -29,11 +75,11 @@ pub struct Global {
     /// Show each step and the engine's build output.
     #[arg(short, long, global = true)]
     pub verbose: bool,
-    /// OpenShift/Kubernetes: the namespace (default: the kubeconfig context's namespace).
-    #[arg(long, global = true, value_name = "NAMESPACE")]
+    /// The namespace (default: the kubeconfig context's namespace).
+    #[arg(long, global = true, value_name = "NAMESPACE", help_heading = CLUSTER)]
     pub namespace: Option<String>,
-    /// OpenShift/Kubernetes: the kubeconfig context (default: the current context).
-    #[arg(long, global = true, value_name = "CONTEXT")]
+    /// The kubeconfig context (default: the current context).
+    #[arg(long, global = true, value_name = "CONTEXT", help_heading = CLUSTER)]
     pub context: Option<String>,
 }
 
@@ -60,8 +106,10 @@ impl BackendKind {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the session if it does not exist, start it and attach to the agent.
+    #[command(after_help = examples("run"))]
     Run(CreateArgs),
     /// Create and start a session without attaching.
+    #[command(after_help = examples("create"))]
     Create(CreateArgs),
     /// Start a stopped session (the agent resumes in tmux).
     Start(NameArg),
@@ -162,7 +210,7 @@ pub struct CreateArgs {
     #[arg(long)]
     pub git: bool,
     /// Bind-mount the current directory as the workspace instead of using the session volume.
-    #[arg(long)]
+    #[arg(long, help_heading = PODMAN)]
     pub mount: bool,
     /// Rebuild the images even when their inputs did not change.
     #[arg(long)]
@@ -195,17 +243,17 @@ pub struct CreateArgs {
     /// Let the session's proxy reach addresses in this network (repeatable).
     #[arg(long, value_name = "CIDR")]
     pub proxy_allow_cidr: Vec<String>,
-    /// Podman: attach the proxy's outbound side to this existing network instead of creating one.
-    #[arg(long, value_name = "NAME")]
+    /// Attach the proxy's outbound side to this existing network instead of creating one.
+    #[arg(long, value_name = "NAME", help_heading = PODMAN)]
     pub egress_network: Option<String>,
-    /// OpenShift/Kubernetes: size of the workspace volume claim.
-    #[arg(long, value_name = "SIZE", default_value = "10Gi")]
+    /// Size of the workspace volume claim.
+    #[arg(long, value_name = "SIZE", default_value = "10Gi", help_heading = CLUSTER)]
     pub pvc_size: String,
-    /// OpenShift/Kubernetes: storage class of the workspace volume claim.
-    #[arg(long, value_name = "CLASS")]
+    /// Storage class of the workspace volume claim.
+    #[arg(long, value_name = "CLASS", help_heading = CLUSTER)]
     pub storage_class: Option<String>,
     /// Kubernetes without OpenShift builds: the registry images are pushed to and pulled from.
-    #[arg(long, value_name = "REGISTRY")]
+    #[arg(long, value_name = "REGISTRY", help_heading = CLUSTER)]
     pub registry: Option<String>,
     /// Arguments passed to the agent.
     #[arg(last = true)]
@@ -220,6 +268,56 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_help_groups_common_podman_and_cluster_flags_then_examples() {
+        let mut cli = Cli::command();
+        // Building propagates the global flags into the subcommands, as parsing does.
+        cli.build();
+        let run = cli.find_subcommand_mut("run").unwrap();
+        let help = run.render_help().to_string();
+        let at = |needle: &str| {
+            help.find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} missing:\n{help}"))
+        };
+        let (podman, cluster, examples) = (
+            at("\nPodman options:"),
+            at(&format!("\n{CLUSTER}:")),
+            at("\nExamples:"),
+        );
+        assert!(
+            at("\nOptions:") < podman && podman < cluster && cluster < examples,
+            "{help}"
+        );
+        for common in [
+            "--agent",
+            "--yolo",
+            "--allowed-domains",
+            "--base-image",
+            "--dry-run",
+        ] {
+            assert!(
+                at(common) < podman,
+                "{common} is not with the common flags:\n{help}"
+            );
+        }
+        for flag in ["--egress-network", "--mount"] {
+            assert!((podman..cluster).contains(&at(flag)), "{flag}:\n{help}");
+        }
+        for flag in [
+            "--pvc-size",
+            "--storage-class",
+            "--registry",
+            "--namespace",
+            "--context",
+        ] {
+            assert!((cluster..examples).contains(&at(flag)), "{flag}:\n{help}");
+        }
+        assert!(
+            help[examples..].contains("paude-launch run --yolo --git"),
+            "{help}"
+        );
     }
 
     #[test]

@@ -289,11 +289,11 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<ContextFile>, total: &mut u6
                 .to_string_lossy()
                 .replace('\\', "/");
             use std::os::unix::fs::PermissionsExt;
-            files.push(ContextFile {
-                path: rel,
-                mode: meta.permissions().mode() & 0o777,
-                contents: Arc::new(std::fs::read(&path)?),
-            });
+            files.push(ContextFile::new(
+                &rel,
+                meta.permissions().mode() & 0o777,
+                Arc::new(std::fs::read(&path)?),
+            ));
         }
     }
     Ok(())
@@ -404,6 +404,7 @@ mod tests {
             "ignored",
             &crate::images::ImageInputs {
                 proxy_binary: Arc::new(Vec::new()),
+                proxy_identity: "test".into(),
                 proxy_is_static: true,
                 ca_bundle: None,
             },

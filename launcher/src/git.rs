@@ -222,8 +222,9 @@ mod tests {
 
     #[test]
     fn add_then_remove_remote_in_a_real_repository() {
+        crate::require::require(&[crate::require::program("git", "git")]);
         let dir = tempfile::tempdir().unwrap();
-        git(dir.path(), &["init", "-q"]).expect("git must be installed: apt-get install git");
+        git(dir.path(), &["init", "-q"]).expect("git runs");
         let name = SessionName::parse("demo").unwrap();
         assert_eq!(
             add_remote(dir.path(), &global(BackendKind::Podman), &name).unwrap(),
@@ -259,6 +260,7 @@ mod tests {
 
     #[test]
     fn outside_a_repository_git_setup_says_so() {
+        crate::require::require(&[crate::require::program("git", "git")]);
         let dir = tempfile::tempdir().unwrap();
         let err = repo_root(dir.path()).unwrap_err().to_string();
         assert!(err.contains("is not inside a git repository"), "{err}");

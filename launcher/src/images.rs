@@ -1,6 +1,11 @@
 //! Image build contexts: the proxy and agent Dockerfiles from `images/`, the files that go with
 //! them, and the hash of all inputs that tags each image so an unchanged image is never rebuilt.
 //! The contexts are plain data (`ImagePlan`), so both backends build the very same bytes.
+//!
+//! The paude-proxy binary counts in the proxy image's hash by its build identity (see
+//! [`proxy_identity`]), not by its bytes: cargo links a crate differently depending on which
+//! sibling crates one invocation builds (feature unification), and a tag that followed the bytes
+//! would flip between two images of the same proxy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +36,9 @@ pub struct ContextFile {
     pub mode: u32,
     /// The file's bytes (shared: the proxy binary is large).
     pub contents: Arc<Vec<u8>>,
+    /// What the file counts as in the image hash instead of its bytes: a built binary's
+    /// identity. `None` hashes the bytes.
+    pub identity: Option<String>,
 }
 
 /// A local image to build: its reference, the hash of its inputs and its build context.
@@ -46,22 +54,41 @@ pub struct ImagePlan {
     pub files: Vec<ContextFile>,
 }
 
+impl ContextFile {
+    /// A file that counts in the image hash by its bytes.
+    pub fn new(path: &str, mode: u32, contents: Arc<Vec<u8>>) -> Self {
+        ContextFile {
+            path: path.to_owned(),
+            mode,
+            contents,
+            identity: None,
+        }
+    }
+}
+
 impl ImagePlan {
     /// Builds a plan from a repository, a rendered Dockerfile and the other context files.
     pub fn new(repository: &str, dockerfile: String, mut files: Vec<ContextFile>) -> Self {
-        files.push(ContextFile {
-            path: "Dockerfile".into(),
-            mode: 0o644,
-            contents: Arc::new(dockerfile.clone().into_bytes()),
-        });
+        files.push(ContextFile::new(
+            "Dockerfile",
+            0o644,
+            Arc::new(dockerfile.clone().into_bytes()),
+        ));
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let mut hasher = Sha256::new();
         for f in &files {
             hasher.update((f.path.len() as u64).to_le_bytes());
             hasher.update(f.path.as_bytes());
             hasher.update(f.mode.to_le_bytes());
-            hasher.update((f.contents.len() as u64).to_le_bytes());
-            hasher.update(f.contents.as_slice());
+            // Which of the two a file counts by is hashed too, so an identity can never pass
+            // for a file holding those bytes.
+            let (kind, counted) = match &f.identity {
+                Some(id) => (1u8, id.as_bytes()),
+                None => (0u8, f.contents.as_slice()),
+            };
+            hasher.update([kind]);
+            hasher.update((counted.len() as u64).to_le_bytes());
+            hasher.update(counted);
         }
         let hash = hex::encode(hasher.finalize());
         ImagePlan {
@@ -107,8 +134,11 @@ pub struct Customisation {
 /// The loaded inputs of both images.
 #[derive(Debug, Clone)]
 pub struct ImageInputs {
-    /// The paude-proxy binary.
+    /// The paude-proxy binary: this paude-launch itself (it is paude-proxy when run under that
+    /// name) or the one `PAUDE_PROXY_BIN` names.
     pub proxy_binary: Arc<Vec<u8>>,
+    /// What the binary counts as in the proxy image's hash (see [`proxy_identity`]).
+    pub proxy_identity: String,
     /// Whether that binary needs no dynamic loader (then `scratch` is a valid base).
     pub proxy_is_static: bool,
     /// The extra CA bundle, if any.
@@ -124,11 +154,36 @@ pub fn proxy_image(inputs: &ImageInputs, base: Option<&str>, debian_base: &str) 
     };
     let dockerfile = PROXY_DOCKERFILE.replace("{{BASE}}", base);
     let files = vec![ContextFile {
-        path: "paude-proxy".into(),
-        mode: 0o755,
-        contents: inputs.proxy_binary.clone(),
+        identity: Some(inputs.proxy_identity.clone()),
+        ..ContextFile::new("paude-proxy", 0o755, inputs.proxy_binary.clone())
     }];
     ImagePlan::new("localhost/paude-proxy", dockerfile, files)
+}
+
+/// The marker paude-proxy's `--version` text puts before its build identity.
+const BUILD_MARKER: &[u8] = b"(build ";
+
+/// What a paude-proxy binary counts as in the proxy image's hash: `paude-proxy build ID` with
+/// the build identity it carries (a SHA-256 over its sources, policies, lock file, profile,
+/// target, Rust flags and compiler, fixed by its build script), found in its bytes after the
+/// `(build ` of its `--version` text. Two builds of the same inputs agree however cargo
+/// unified their dependencies' features. A binary without one (not built from this
+/// workspace) counts by the SHA-256 of its bytes.
+pub fn proxy_identity(bytes: &[u8]) -> String {
+    let found = bytes
+        .windows(BUILD_MARKER.len() + 65)
+        .filter(|w| w.starts_with(BUILD_MARKER) && w[w.len() - 1] == b')')
+        .map(|w| &w[BUILD_MARKER.len()..w.len() - 1])
+        .find(|id| id.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    match found {
+        Some(id) => format!("paude-proxy build {}", String::from_utf8_lossy(id)),
+        None => format!("sha256 {}", hex::encode(Sha256::digest(bytes))),
+    }
+}
+
+/// The identity of the proxy built into this paude-launch.
+pub fn builtin_proxy_identity() -> String {
+    format!("paude-proxy build {}", paude_proxy::BUILD_ID)
 }
 
 /// The agent image for one agent on a base, with the project's customisation.
@@ -152,21 +207,21 @@ pub fn agent_image(
         .replace("{{BASE}}", base)
         .replace("{{CA_ENV}}", ca_env);
     let files = vec![
-        ContextFile {
-            path: "ca-bundle.crt".into(),
-            mode: 0o644,
-            contents: inputs.ca_bundle.clone().unwrap_or_default(),
-        },
-        ContextFile {
-            path: "install.sh".into(),
-            mode: 0o644,
-            contents: Arc::new(install_script(agent, custom).into_bytes()),
-        },
-        ContextFile {
-            path: "paude-session".into(),
-            mode: 0o755,
-            contents: Arc::new(AGENT_SESSION_SCRIPT.as_bytes().to_vec()),
-        },
+        ContextFile::new(
+            "ca-bundle.crt",
+            0o644,
+            inputs.ca_bundle.clone().unwrap_or_default(),
+        ),
+        ContextFile::new(
+            "install.sh",
+            0o644,
+            Arc::new(install_script(agent, custom).into_bytes()),
+        ),
+        ContextFile::new(
+            "paude-session",
+            0o755,
+            Arc::new(AGENT_SESSION_SCRIPT.as_bytes().to_vec()),
+        ),
     ];
     ImagePlan::new(
         &format!("localhost/paude-agent-{}", agent.name),
@@ -213,6 +268,7 @@ mod tests {
     fn inputs() -> ImageInputs {
         ImageInputs {
             proxy_binary: Arc::new(b"binary".to_vec()),
+            proxy_identity: "paude-proxy build test".into(),
             proxy_is_static: true,
             ca_bundle: None,
         }
@@ -253,11 +309,43 @@ mod tests {
             a.tag(),
             agent_image(shell, "base", &inputs(), &custom).tag()
         );
-        let mut other_bin = inputs();
-        other_bin.proxy_binary = Arc::new(b"binary2".to_vec());
+        // The proxy binary counts by its identity: other bytes of the same build keep the tag,
+        // another build changes it.
+        let mut other_bytes = inputs();
+        other_bytes.proxy_binary = Arc::new(b"binary2".to_vec());
+        assert_eq!(
+            proxy_image(&inputs(), None, "d").tag(),
+            proxy_image(&other_bytes, None, "d").tag()
+        );
+        let mut other_build = inputs();
+        other_build.proxy_identity = "paude-proxy build other".into();
         assert_ne!(
             proxy_image(&inputs(), None, "d").tag(),
-            proxy_image(&other_bin, None, "d").tag()
+            proxy_image(&other_build, None, "d").tag()
+        );
+    }
+
+    #[test]
+    fn a_proxy_binary_is_known_by_the_build_identity_it_carries() {
+        let id = "0123456789abcdef".repeat(4);
+        let binary = format!("\x7fELF...paude-proxy 0.1.0 (build {id})...").into_bytes();
+        assert_eq!(proxy_identity(&binary), format!("paude-proxy build {id}"));
+        // The same build linked differently carries the same identity.
+        let relinked = format!("other bytes (build {id}) more").into_bytes();
+        assert_eq!(proxy_identity(&binary), proxy_identity(&relinked));
+        // Without a well-formed identity, the bytes are what counts.
+        for other in [
+            b"no marker at all".to_vec(),
+            format!("(build {})", "g".repeat(64)).into_bytes(),
+            format!("(build {}", "a".repeat(64)).into_bytes(),
+        ] {
+            let counted = proxy_identity(&other);
+            assert!(counted.starts_with("sha256 "), "{counted}");
+            assert_ne!(counted, proxy_identity(b"different bytes"));
+        }
+        assert_eq!(
+            builtin_proxy_identity(),
+            format!("paude-proxy build {}", paude_proxy::BUILD_ID)
         );
     }
 

@@ -1,13 +1,18 @@
 //! The paude-launch binary: parse the command line, run the verb, map the result to an exit
-//! code. Everything else lives in the library (see `lib.rs`).
+//! code. Everything else lives in the library (see `lib.rs`). Run under the name
+//! `paude-proxy`, as it is in the proxy image, the binary is paude-proxy instead: the proxy
+//! library's own command, untouched.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use paude_launch::{app, cli};
+use paude_launch::{app, backend, cli};
 use tokio::signal::unix::{signal, SignalKind};
 
 fn main() -> ExitCode {
+    if paude_proxy::entry::invoked_as_proxy() {
+        return paude_proxy::entry::main();
+    }
     let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -28,7 +33,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("paude-launch: error: {e:#}");
+            eprintln!("paude-launch: error: {:#}", backend::hints::explain(e));
             ExitCode::FAILURE
         }
     }

@@ -436,6 +436,12 @@ impl Plan {
                     .to_owned(),
             );
         }
+        if spec.yolo && spec.agent.yolo_flag.is_none() {
+            warnings.push(format!(
+                "--yolo has no effect with --agent {}: it has no permission prompts to skip",
+                spec.agent.name
+            ));
+        }
 
         Plan {
             name: spec.name.clone(),
@@ -509,6 +515,7 @@ mod tests {
     fn inputs() -> ImageInputs {
         ImageInputs {
             proxy_binary: Arc::new(b"proxy".to_vec()),
+            proxy_identity: "paude-proxy build test".into(),
             proxy_is_static: true,
             ca_bundle: None,
         }
@@ -704,6 +711,21 @@ mod tests {
         assert!(cfg.contains("email = \"ann@example.com\""));
         assert!(!cfg.contains("[credential"));
         assert!(cfg.contains("directory = /workspace"));
+    }
+
+    #[test]
+    fn yolo_with_an_agent_that_has_no_yolo_flag_warns_that_it_does_nothing() {
+        let mut a = args("shell");
+        a.yolo = true;
+        let plan = plan_with(a, host());
+        assert_eq!(
+            plan.warnings,
+            ["--yolo has no effect with --agent shell: it has no permission prompts to skip"]
+        );
+        assert_eq!(plan.agent_container.argv, ["bash", "-l"]);
+        let mut a = args("claude");
+        a.yolo = true;
+        assert!(plan_with(a, host()).warnings.is_empty());
     }
 
     #[test]

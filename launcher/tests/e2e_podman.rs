@@ -11,8 +11,10 @@
 //! `--mount` and a session-owned egress network, to which no request is sent; the
 //! other tests are quick and create nothing. The tests share Podman and run one at a time.
 //!
-//! Needs Podman, runc, debootstrap and git (`.ci/run` installs them) and the paude-proxy binary
-//! of the same build (`cargo test --workspace` builds it).
+//! Needs Podman, runc, debootstrap, git and tmux (`.ci/run` installs them; a missing one fails
+//! the test at once, naming its package). One session runs the proxy built into paude-launch,
+//! as a user's does; the other the standalone paude-proxy binary of the same build (`cargo
+//! test --workspace` builds it) through `PAUDE_PROXY_BIN`.
 
 mod support;
 
@@ -24,8 +26,9 @@ use tokio::process::Command;
 use tokio::sync::Mutex;
 
 use support::{
-    inspect, paude_images, podman_ok, run, session_objects, ApiService, Checks, Output,
-    SessionGuard, Terminal, Upstream, ADDED_HOST, ALLOWED_HOST, BASE_IMAGE, DENIED_HOST,
+    built_images, inspect, paude_images, podman_ok, run, session_objects, ApiService, BaseAlias,
+    Checks, HostTmux, Output, SessionGuard, Terminal, Upstream, ADDED_HOST, ALLOWED_HOST,
+    BASE_IMAGE, DENIED_HOST,
 };
 
 /// The tests share one Podman and compare its objects before and after: one at a time.
@@ -39,12 +42,14 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 const PROBE_LIMIT: Duration = Duration::from_secs(60);
 /// What tmux shows in its status line once attached to the agent's session `paude`.
 const TMUX_STATUS: &str = "[paude]";
-/// tmux's default prefix (Ctrl-b) followed by `d`: detach.
-const TMUX_DETACH: &[u8] = b"\x02d";
+/// What a terminal shows before a status line is redrawn in place.
+const REDRAW: &str = "\r\x1b[2K";
 
 /// The real paude-launch binary, run with the suite's Podman configuration.
 struct Launcher {
-    proxy_bin: PathBuf,
+    /// `PAUDE_PROXY_BIN`: a standalone paude-proxy; without one, the proxy built into
+    /// paude-launch goes into the proxy image, as it does for users.
+    proxy_bin: Option<PathBuf>,
     /// A private API socket (`DOCKER_HOST`); without one, paude-launch starts its own service.
     docker_host: Option<String>,
     cwd: PathBuf,
@@ -54,10 +59,16 @@ impl Launcher {
     fn new(docker_host: Option<String>, cwd: &Path) -> Result<Launcher> {
         support::require_suite_tools()?;
         Ok(Launcher {
-            proxy_bin: support::proxy_binary()?,
+            proxy_bin: None,
             docker_host,
             cwd: cwd.to_path_buf(),
         })
+    }
+
+    /// The same launcher with the standalone paude-proxy binary of this build.
+    fn with_standalone_proxy(mut self) -> Result<Launcher> {
+        self.proxy_bin = Some(support::proxy_binary()?);
+        Ok(self)
     }
 
     /// A command with the environment every child of the session needs: paude-launch itself,
@@ -74,9 +85,14 @@ impl Launcher {
         cmd.current_dir(&self.cwd)
             .env("PATH", path)
             .env("CONTAINERS_CONF", support::containers_conf())
-            .env("PAUDE_PROXY_BIN", &self.proxy_bin)
+            .env("TERM", "xterm-256color")
+            .env_remove("TMUX")
             .env_remove("PAUDE_BACKEND")
             .env_remove("CLAUDE_CODE_USE_VERTEX");
+        match &self.proxy_bin {
+            Some(bin) => cmd.env("PAUDE_PROXY_BIN", bin),
+            None => cmd.env_remove("PAUDE_PROXY_BIN"),
+        };
         match &self.docker_host {
             Some(host) => cmd.env("DOCKER_HOST", host),
             None => cmd.env_remove("DOCKER_HOST"),
@@ -154,6 +170,40 @@ fn create_args_for(name: &str, agent: &str) -> Vec<String> {
 /// Creation flags of a `shell` session on the local base image.
 fn base_create_args(name: &str) -> Vec<String> {
     create_args_for(name, "shell")
+}
+
+/// Replaces the value of `flag` in `args`.
+fn set_flag(args: &mut [String], flag: &str, value: &str) {
+    let at = args
+        .iter()
+        .position(|a| a == flag)
+        .expect("the flag is in the arguments");
+    args[at + 1] = value.to_owned();
+}
+
+/// Off a terminal, an image build shows itself in plain lines: the build, each step, the end.
+fn expect_plain_build_lines(stderr: &str) -> Result<()> {
+    ensure!(
+        stderr.contains("paude: building image localhost/paude-proxy:"),
+        "no line announces the proxy image build: {stderr}"
+    );
+    ensure!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("paude:   step 1/") && l.contains(": FROM ")),
+        "no plain line for the first build step: {stderr}"
+    );
+    ensure!(
+        built_images(stderr)
+            .iter()
+            .any(|r| r.starts_with("localhost/paude-proxy:")),
+        "no line says the proxy image was built and how long it took: {stderr}"
+    );
+    ensure!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "terminal control codes in output that is not a terminal: {stderr:?}"
+    );
+    Ok(())
 }
 
 /// The running session under test, seen from the outside.
@@ -323,11 +373,19 @@ async fn exercise_session(
     upstream: &Upstream,
     create_args: &[String],
     repo: &Path,
+    alias: &mut BaseAlias,
 ) -> Result<()> {
     let name = create_args[1].clone();
     let args: Vec<&str> = create_args.iter().map(String::as_str).collect();
     let created = launcher.ok(&args, CREATE_LIMIT).await?;
     eprintln!("create printed:\n{}{}", created.stdout, created.stderr);
+    built_images(&created.stderr)
+        .iter()
+        .for_each(|r| alias.built(r));
+    checks.record(
+        "off a terminal, an image build shows each step on a plain line",
+        expect_plain_build_lines(&created.stderr),
+    );
 
     let agent = format!("paude-{name}-agent");
     let proxy = format!("paude-{name}-proxy");
@@ -1089,13 +1147,18 @@ async fn a_session_is_isolated_and_keeps_its_work() {
         support::prepare_images().await?;
         let suffix = support::unique_suffix();
         let name = format!("e2e-{suffix}");
+        // A proxy base of this test's own, so that its proxy image is built (and shown) anew.
+        let mut alias = BaseAlias::new(&suffix).await?;
         let _guard = SessionGuard(name.clone());
         let upstream = Upstream::start(&suffix).await?;
         let service = ApiService::start(&suffix).await?;
         let dir = tempfile::tempdir()?;
-        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        // This session runs the standalone paude-proxy; the other one the built-in proxy.
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?
+            .with_standalone_proxy()?;
         host_repo(dir.path(), &launcher).await?;
         let mut args = base_create_args(&name);
+        set_flag(&mut args, "--proxy-base-image", &alias.image);
         for host in [ALLOWED_HOST, DENIED_HOST, ADDED_HOST] {
             args.push("--proxy-resolve".into());
             args.push(format!("{host}={}", upstream.ip));
@@ -1114,7 +1177,15 @@ async fn a_session_is_isolated_and_keeps_its_work() {
             "--cpus".into(),
             "1.5".into(),
         ]);
-        exercise_session(&mut checks, &launcher, &upstream, &args, dir.path()).await
+        exercise_session(
+            &mut checks,
+            &launcher,
+            &upstream,
+            &args,
+            dir.path(),
+            &mut alias,
+        )
+        .await
     }
     .await;
     checks.record("the session was created and exercised", result);
@@ -1129,14 +1200,17 @@ async fn run_attaches_and_a_mounted_session_with_its_own_egress_network_is_remov
         support::prepare_images().await?;
         let suffix = support::unique_suffix();
         let name = format!("e2e-mnt-{suffix}");
+        let mut alias = BaseAlias::new(&suffix).await?;
         let _guard = SessionGuard(name.clone());
         let service = ApiService::start(&suffix).await?;
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("host.txt"), "written on the host\n")?;
+        // The proxy built into paude-launch, as after `cargo install --path launcher`.
         let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
         let mut args = base_create_args(&name);
         // `run`, the quick start's one command: create, start and attach.
         args[0] = "run".into();
+        set_flag(&mut args, "--proxy-base-image", &alias.image);
         args.extend([
             "--mount".into(),
             "--allowed-domains".into(),
@@ -1145,18 +1219,49 @@ async fn run_attaches_and_a_mounted_session_with_its_own_egress_network_is_remov
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let bin = Path::new(env!("CARGO_BIN_EXE_paude-launch"));
         let mut terminal = Terminal::spawn(launcher.command("script"), bin, &args)?;
+        checks.record(
+            "on a terminal, an image build is one status line with its step and time so far",
+            async {
+                terminal
+                    .expect(
+                        &format!("{REDRAW}paude: building image localhost/paude-proxy ["),
+                        CREATE_LIMIT,
+                    )
+                    .await?;
+                terminal.expect("s] step 1/", CREATE_LIMIT).await?;
+                terminal
+                    .expect(
+                        &format!("{REDRAW}paude: built image localhost/paude-proxy:"),
+                        CREATE_LIMIT,
+                    )
+                    .await?;
+                let line = terminal.line(PROBE_LIMIT).await?;
+                alias.built(&format!(
+                    "localhost/paude-proxy:{}",
+                    line.split_whitespace().next().unwrap_or_default()
+                ));
+                ensure!(line.contains(" in "), "no build time in {line:?}");
+                Ok(())
+            }
+            .await,
+        );
+        checks.record(
+            "before attaching, run says how to detach",
+            terminal
+                .expect(
+                    &format!("paude: attaching to session {name}: detach with Ctrl-b d;"),
+                    CREATE_LIMIT,
+                )
+                .await,
+        );
         terminal.expect(TMUX_STATUS, CREATE_LIMIT).await?;
         checks.record(
             "run creates the session and lands in the agent's tmux; detaching keeps it",
             async {
                 terminal.send(b"echo marker-$((6*7))\r").await?;
                 terminal.expect("marker-42", PROBE_LIMIT).await?;
-                // Wait for the prompt and pause like a person before the detach keys: keys
-                // typed while tmux is still redrawing the command's output can reach the shell.
                 terminal.expect("$ ", PROBE_LIMIT).await?;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                terminal.send(TMUX_DETACH).await?;
-                terminal.expect("[detached", PROBE_LIMIT).await?;
+                terminal.detach(PROBE_LIMIT).await?;
                 let code = terminal.wait(PROBE_LIMIT).await?;
                 ensure!(code == Some(0), "run exited with {code:?} after detaching");
                 ensure!(
@@ -1174,14 +1279,37 @@ async fn run_attaches_and_a_mounted_session_with_its_own_egress_network_is_remov
                     Terminal::spawn(launcher.command("script"), bin, &["connect", &name])?;
                 // The shell's earlier output is still on the redrawn screen.
                 terminal.expect("marker-42", PROBE_LIMIT).await?;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                terminal.send(TMUX_DETACH).await?;
-                terminal.expect("[detached", PROBE_LIMIT).await?;
+                terminal.detach(PROBE_LIMIT).await?;
                 let code = terminal.wait(PROBE_LIMIT).await?;
                 ensure!(
                     code == Some(0),
                     "connect exited with {code:?} after detaching"
                 );
+                Ok(())
+            }
+            .await,
+        );
+        checks.record(
+            "connect from inside the user's own tmux names the nested detach keys",
+            async {
+                let outer = HostTmux::start(&suffix).await?;
+                let mut command = launcher.command("script");
+                command.env("TMUX", &outer.env);
+                let mut terminal = Terminal::spawn(command, bin, &["connect", &name])?;
+                terminal
+                    .expect(
+                        &format!(
+                            "paude: attaching to session {name}: detach with Ctrl-b Ctrl-b d \
+                             (you are inside tmux: Ctrl-b d alone would detach your own)"
+                        ),
+                        PROBE_LIMIT,
+                    )
+                    .await?;
+                terminal.expect("marker-42", PROBE_LIMIT).await?;
+                // This terminal is not really inside the outer tmux: Ctrl-b d reaches the agent's.
+                terminal.detach(PROBE_LIMIT).await?;
+                let code = terminal.wait(PROBE_LIMIT).await?;
+                ensure!(code == Some(0), "connect exited with {code:?}");
                 Ok(())
             }
             .await,
@@ -1308,6 +1436,22 @@ async fn dry_run_creates_nothing() {
             .filter(|i| planned.iter().any(|p| i.starts_with(&format!("{p} "))))
             .collect();
         ensure!(new.is_empty(), "the dry run built images: {new:?}");
+        // The standalone paude-proxy of this build and the one built into paude-launch differ
+        // in their bytes but not in what they are: the proxy image is the same.
+        let standalone = Launcher::new(None, dir.path())?.with_standalone_proxy()?;
+        let again = standalone.ok(&args, COMMAND_LIMIT).await?;
+        let proxy_image = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("image localhost/paude-proxy:"))
+                .map(str::to_owned)
+        };
+        ensure!(
+            proxy_image(&out.stdout).is_some()
+                && proxy_image(&out.stdout) == proxy_image(&again.stdout),
+            "the built-in and the standalone proxy give different proxy images:\n{}\n---\n{}",
+            out.stdout,
+            again.stdout
+        );
         Ok(())
     }
     .await;
@@ -1730,5 +1874,138 @@ async fn a_docker_engine_whose_internal_dns_forwards_is_refused() {
     }
     .await;
     checks.record("the Docker engine was started and asked", result);
+    checks.finish();
+}
+
+/// A port on 127.0.0.1 that was just free: nothing listens there.
+fn closed_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Runs `args` off a terminal and on one, and checks both runs fail with one message that
+/// mentions every word of `mentions`, create nothing, and, on the terminal, start that message
+/// on a line of its own (after the build's status line was cleared).
+async fn expect_refusal_on_and_off_a_terminal(
+    checks: &mut Checks,
+    launcher: &Launcher,
+    name: &str,
+    args: &[String],
+    mentions: &[&str],
+) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    checks.record(
+        "off a terminal: the error names the cause and the fix, and nothing is created",
+        async {
+            let out = launcher.run(&args, CREATE_LIMIT).await?;
+            expect_refusal(&out, mentions)?;
+            let left = session_objects(name).await?;
+            ensure!(left.is_empty(), "left behind: {left:?}");
+            Ok(())
+        }
+        .await,
+    );
+    checks.record(
+        "on a terminal: the same error, on a clean line",
+        async {
+            let bin = Path::new(env!("CARGO_BIN_EXE_paude-launch"));
+            let mut terminal = Terminal::spawn(launcher.command("script"), bin, &args)?;
+            terminal
+                .expect("paude-launch: error: ", CREATE_LIMIT)
+                .await?;
+            let before = terminal.before();
+            ensure!(
+                before.is_empty() || before.ends_with('\n') || before.ends_with(REDRAW),
+                "the error does not start a line of its own: {before:?}"
+            );
+            let message = terminal.line(COMMAND_LIMIT).await?;
+            for word in mentions {
+                ensure!(
+                    message.contains(word),
+                    "the message does not mention {word:?}: {message}"
+                );
+            }
+            let code = terminal.wait(COMMAND_LIMIT).await?;
+            ensure!(code == Some(1), "exited with {code:?}");
+            let left = session_objects(name).await?;
+            ensure!(left.is_empty(), "left behind: {left:?}");
+            Ok(())
+        }
+        .await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpullable_base_image_names_both_base_image_flags() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        let suffix = support::unique_suffix();
+        let name = format!("e2e-pull-{suffix}");
+        let _guard = SessionGuard(name.clone());
+        let service = ApiService::start(&suffix).await?;
+        let dir = tempfile::tempdir()?;
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        // A registry on loopback that nothing serves: the pull fails at once, and no request
+        // leaves the machine.
+        let registry = format!("127.0.0.1:{}", closed_port()?);
+        let base = format!("{registry}/debian:bookworm-slim");
+        let mut args = base_create_args(&name);
+        set_flag(&mut args, "--base-image", &base);
+        set_flag(&mut args, "--proxy-base-image", &base);
+        let mentions = [
+            base.as_str(),
+            "cannot be pulled",
+            "--base-image IMAGE",
+            "--proxy-base-image IMAGE",
+        ];
+        expect_refusal_on_and_off_a_terminal(&mut checks, &launcher, &name, &args, &mentions).await;
+        Ok(())
+    }
+    .await;
+    checks.record("the unpullable base was tried", result);
+    checks.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_that_cannot_apply_the_ulimits_points_to_the_containers_conf_fix() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        support::prepare_images().await?;
+        let suffix = support::unique_suffix();
+        let name = format!("e2e-ulimit-{suffix}");
+        let _guard = SessionGuard(name.clone());
+        // Podman's configuration asks for more open files than the kernel allows anyone
+        // (fs.nr_open), as Podman's default asks for more than a low hard limit allows: runc
+        // fails the same way on every machine.
+        let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")?
+            .trim()
+            .parse()?;
+        let conf = std::fs::read_to_string(support::containers_conf())?;
+        ensure!(
+            conf.contains("\"nofile=10000:10000\""),
+            "the suite's containers.conf changed"
+        );
+        let too_many = format!("\"nofile={0}:{0}\"", nr_open + 1);
+        let dir = tempfile::tempdir()?;
+        let bad = dir.path().join("containers.conf");
+        std::fs::write(&bad, conf.replace("\"nofile=10000:10000\"", &too_many))?;
+        let service = ApiService::start_with(&suffix, &bad).await?;
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        let args = base_create_args(&name);
+        let mentions = [
+            "error setting rlimit",
+            "cannot apply Podman's default ulimits",
+            "default_ulimits",
+            "CONTAINERS_CONF",
+            "\"Troubleshooting\" in README.md",
+        ];
+        expect_refusal_on_and_off_a_terminal(&mut checks, &launcher, &name, &args, &mentions).await;
+        Ok(())
+    }
+    .await;
+    checks.record("the session was tried under the impossible ulimits", result);
     checks.finish();
 }

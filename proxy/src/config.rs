@@ -18,7 +18,7 @@ use crate::policy::{Groups, Policy, PolicySettings};
 /// paude-proxy: a filtering HTTP CONNECT and forward proxy with domain allowlists, SSRF,
 /// IP-literal and SNI guards, and a JSON audit log.
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "paude-proxy", version, about, long_about = None)]
+#[command(name = "paude-proxy", version, long_version = crate::LONG_VERSION, about, long_about = None)]
 pub struct Cli {
     /// Address to listen on [default: 127.0.0.1:3128]
     #[arg(long, value_name = "ADDR")]

@@ -19,12 +19,15 @@
 //! the one refusal-to-response mapping), [`audit`] (JSON lines), [`admin`] (metrics, health,
 //! policy), [`reload`] (SIGHUP and the file watcher). [`start`] wires them up for the binary;
 //! programs that embed the proxy can call [`server::run`] with a listener of their own.
+//! [`entry`] is the whole command (`main`), shared by the binary and paude-launch, and
+//! [`BUILD_ID`] names what went into this build.
 
 pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod connect;
 pub mod dns;
+pub mod entry;
 pub mod error;
 pub mod forward;
 pub mod handler;
@@ -51,6 +54,8 @@ use crate::config::{Cli, Loaded};
 use crate::dns::Dns;
 use crate::reload::Reloader;
 use crate::server::{Core, State};
+
+include!(concat!(env!("OUT_DIR"), "/build_id.rs"));
 
 /// How many accepted-but-unserved connections the kernel may queue on each proxy listener (the
 /// kernel caps it at `net.core.somaxconn`). The 1,024 of tokio's `TcpListener::bind` overflowed
@@ -182,6 +187,7 @@ pub async fn start(cli: Cli, loaded: Loaded) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let watch_interval = settings.watch_interval;
+    // Made before the listening line below: the watcher's baseline is the content as loaded.
     let reloader = Arc::new(Reloader::new(cli, core.clone(), settings));
     tokio::spawn(reloader.clone().watch(watch_interval, shutdown.clone()));
     {

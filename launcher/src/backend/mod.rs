@@ -17,8 +17,10 @@ use async_trait::async_trait;
 
 use crate::cli::{BackendKind, Global};
 use crate::plan::Plan;
+use crate::progress::{BuildProgress, Mode};
 use crate::spec::SessionName;
 
+pub mod hints;
 pub mod isolation;
 pub mod openshift;
 pub mod podman;
@@ -93,6 +95,18 @@ impl Progress {
         if self.verbose {
             eprintln!("  {}", msg.as_ref());
         }
+    }
+
+    /// Starts showing the build of an image on stderr (see [`crate::progress`]).
+    pub fn build(&self, reference: &str) -> BuildProgress<std::io::Stderr> {
+        let width = crossterm::terminal::size().map_or(0, |(columns, _)| usize::from(columns));
+        BuildProgress::start(
+            std::io::stderr(),
+            Mode::for_stderr(self.verbose),
+            width,
+            reference,
+            std::time::Instant::now(),
+        )
     }
 }
 

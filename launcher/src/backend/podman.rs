@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -37,7 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 use super::isolation::{self, ApiAddr, Engine};
-use super::{Backend, ExecOutput, Progress, SessionInfo, SessionState};
+use super::{hints, Backend, ExecOutput, Progress, SessionInfo, SessionState};
 use crate::cli::{BackendKind, Global};
 use crate::images::ImagePlan;
 use crate::plan::{
@@ -61,6 +61,10 @@ const PROXY_MEMORY: i64 = 512 << 20;
 const PROXY_CANDIDATE_PATH: &str = "/etc/paude-proxy/candidate.toml";
 /// Process limit of the proxy container.
 const PROXY_PIDS: i64 = 256;
+/// How long to wait for the engine to do something it always does in a moment (start its API
+/// service, run the proxy, record an exit status): a guard against an engine that never does,
+/// generous enough for a machine busy with other work.
+const ENGINE_WAIT: Duration = Duration::from_secs(60);
 
 /// The Podman (or Docker) engine, connected on first use.
 pub struct Podman {
@@ -240,7 +244,7 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
         }
     };
     let service = Service { child, dir };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
     loop {
         if socket.exists() {
             if let Ok(docker) = Docker::connect_with_unix(&url, API_TIMEOUT_SECS, &API_VERSION) {
@@ -251,8 +255,9 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
-                "`podman system service` did not answer on {url} within 20 s: run \
-                 `podman system service --time=0 {url}` yourself to see why, or set DOCKER_HOST"
+                "`podman system service` did not answer on {url} within {} s: run \
+                 `podman system service --time=0 {url}` yourself to see why, or set DOCKER_HOST",
+                ENGINE_WAIT.as_secs()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -589,9 +594,7 @@ impl Podman {
     async fn build(&self, image: &ImagePlan, progress: Progress) -> Result<()> {
         let docker = self.docker().await?;
         let reference = image.reference();
-        progress.step(format!(
-            "building image {reference} (the first build takes a few minutes)"
-        ));
+        let mut shown = progress.build(&reference);
         let tar = context_tar(image)?;
         let build_labels = HashMap::from([("paude.image-hash".to_owned(), image.hash.clone())]);
         let opts = BuildImageOptionsBuilder::new()
@@ -603,20 +606,27 @@ impl Podman {
             .build();
         let mut stream = docker.build_image(opts, None, Some(body_full(tar.into())));
         let mut tail: VecDeque<String> = VecDeque::new();
-        let mut keep = |line: &str| {
-            progress.detail(line);
-            if tail.len() == BUILD_LOG_TAIL {
-                tail.pop_front();
-            }
-            tail.push_back(line.to_owned());
-        };
         let mut failure = None;
-        while let Some(item) = stream.next().await {
+        // The status line's clock moves on while a step is silent.
+        let mut clock = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                _ = clock.tick() => {
+                    shown.tick(Instant::now());
+                    continue;
+                }
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(info) => {
                     if let Some(s) = &info.stream {
                         for l in s.lines().filter(|l| !l.trim().is_empty()) {
-                            keep(l);
+                            shown.line(l, Instant::now());
+                            if tail.len() == BUILD_LOG_TAIL {
+                                tail.pop_front();
+                            }
+                            tail.push_back(l.to_owned());
                         }
                     }
                     if let Some(detail) = info.error_detail {
@@ -630,16 +640,15 @@ impl Podman {
             }
         }
         if let Some(why) = failure {
+            shown.finish(false, Instant::now());
             let log: Vec<String> = tail.into_iter().collect();
-            bail!(
-                "building image {reference} failed: {why}\nlast lines of the build log:\n  {}\n\
-                 rerun with -v for the whole log; behind a TLS-intercepting proxy pass --ca-bundle FILE",
-                log.join("\n  ")
-            );
+            return Err(hints::build_failed(image, &why, &log));
         }
         if docker.inspect_image(&reference).await.is_err() {
+            shown.finish(false, Instant::now());
             bail!("building image {reference} reported success but the image is missing: rerun with -v");
         }
+        shown.finish(true, Instant::now());
         Ok(())
     }
 
@@ -964,7 +973,7 @@ impl Podman {
     /// Waits until the proxy prints its listening line; fails with its log if it exits.
     async fn wait_for_proxy(&self, container: &str) -> Result<()> {
         let docker = self.docker().await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
         loop {
             let logs = self.logs(container, true, true).await.unwrap_or_default();
             if logs.contains("paude-proxy listening on") {
@@ -982,9 +991,12 @@ impl Podman {
                 bail!(
                     "the proxy {container} {}; its log:\n  {}",
                     if running {
-                        "did not report listening within 15 s"
+                        format!(
+                            "did not report listening within {} s",
+                            ENGINE_WAIT.as_secs()
+                        )
                     } else {
-                        "exited"
+                        "exited".to_owned()
                     },
                     tail.join("\n  ")
                 );
@@ -1275,17 +1287,25 @@ impl Podman {
         })
     }
 
-    /// The exit code of a finished exec.
+    /// The exit code of a finished exec. The engine records it a moment after the output
+    /// ends, later on a busy machine; the bound is for an engine that never does.
     async fn exit_code(&self, exec_id: &str) -> Result<i64> {
         let docker = self.docker().await?;
-        for _ in 0..50 {
+        let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
+        loop {
             let inspect = docker.inspect_exec(exec_id).await?;
             if inspect.running != Some(true) {
                 return Ok(inspect.exit_code.unwrap_or(1));
             }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the command in the container did not report its exit status within {} s: \
+                     check the engine with `podman ps`",
+                    ENGINE_WAIT.as_secs()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        bail!("the command in the agent container did not report its exit status")
     }
 }
 
@@ -1770,6 +1790,7 @@ mod tests {
         let spec = SessionSpec::from_args(&args, BackendKind::Podman, host).unwrap();
         let inputs = ImageInputs {
             proxy_binary: std::sync::Arc::new(b"bin".to_vec()),
+            proxy_identity: "paude-proxy build test".into(),
             proxy_is_static: true,
             ca_bundle: None,
         };

@@ -7,6 +7,12 @@
 //! debootstrap, and the upstream server sits on an internal network of its own that the
 //! session's proxy joins through `--egress-network`.
 
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
+#[path = "../../../tests/require.rs"]
+pub mod require;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -114,31 +120,41 @@ pub fn containers_conf() -> PathBuf {
     repo_root().join("tests/podman/containers.conf")
 }
 
-/// Fails with the install command when a tool the suite drives is missing.
-pub fn require_tools(tools: &[&str]) -> Result<()> {
-    // runc and debootstrap live in /usr/sbin, which a non-login PATH may lack; Podman and
-    // make-base-image.sh find them there anyway.
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs: Vec<PathBuf> = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .collect();
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|tool| !dirs.iter().any(|dir| dir.join(tool).is_file()))
-        .collect();
-    ensure!(
-        missing.is_empty(),
-        "{} not found on PATH: install with `apt-get install -y podman runc debootstrap git bsdutils` \
-         (the list .ci/run installs)",
-        missing.join(", ")
-    );
-    Ok(())
-}
+/// Every program the Podman suite drives, with the package that brings it. runc and
+/// debootstrap live in /usr/sbin, which a non-login PATH may lack; Podman and
+/// make-base-image.sh find them there anyway.
+pub const SUITE_TOOLS: &[require::Tool] = &[
+    require::program("podman", "podman"),
+    require::program("runc", "runc"),
+    require::program("debootstrap", "debootstrap"),
+    require::program("git", "git"),
+    require::program("tar", "tar"),
+    require::program("script", "bsdutils"),
+    require::program("tmux", "tmux"),
+    // Podman's init for `--init` containers, and the CNI plugins of its networks.
+    require::Tool {
+        name: "catatonit",
+        candidates: &[
+            "/usr/libexec/podman/catatonit",
+            "/usr/bin/catatonit",
+            "catatonit",
+        ],
+        package: "catatonit",
+    },
+    require::Tool {
+        name: "the CNI bridge plugin",
+        candidates: &["/usr/lib/cni/bridge", "/opt/cni/bin/bridge"],
+        package: "containernetworking-plugins",
+    },
+];
 
-/// Every tool the suite drives, checked before anything runs.
+/// Fails with the install command when a program the suite drives is missing.
 pub fn require_suite_tools() -> Result<()> {
-    require_tools(&["podman", "runc", "debootstrap", "git", "tar", "script"])
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    match require::missing_message(SUITE_TOOLS, &require::search_dirs(&path)) {
+        Some(message) => bail!("{message}"),
+        None => Ok(()),
+    }
 }
 
 /// The paude-proxy binary built by the same `cargo test --workspace` run, which sits next to
@@ -446,10 +462,16 @@ pub struct ApiService {
 
 impl ApiService {
     pub async fn start(suffix: &str) -> Result<ApiService> {
+        ApiService::start_with(suffix, &containers_conf()).await
+    }
+
+    /// The service under another Podman configuration than the suite's.
+    pub async fn start_with(suffix: &str, containers_conf: &Path) -> Result<ApiService> {
         let socket = PathBuf::from(format!("/tmp/paude-e2e-{suffix}.sock"));
         let _ = std::fs::remove_file(&socket);
         let uri = format!("unix://{}", socket.display());
         let child = podman(["system", "service", "--time=0", &uri])
+            .env("CONTAINERS_CONF", containers_conf)
             .kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -520,17 +542,22 @@ pub struct Terminal {
     child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
     stdout: tokio::process::ChildStdout,
+    /// What was printed and not yet matched.
     seen: Vec<u8>,
+    /// What stood before the last match.
+    consumed: Vec<u8>,
 }
 
 impl Terminal {
-    /// Starts `program args...` under `script`, with `base`'s environment and directory.
+    /// Starts `program args...` under `script`, with `base`'s environment and directory, on a
+    /// terminal of 200 columns and 50 rows (a pseudo-terminal has no size of its own).
     pub fn spawn(mut base: Command, program: &Path, args: &[&str]) -> Result<Terminal> {
         let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         let line = std::iter::once(quote(&program.to_string_lossy()))
             .chain(args.iter().map(|a| quote(a)))
             .collect::<Vec<_>>()
             .join(" ");
+        let line = format!("stty cols 200 rows 50; exec {line}");
         base.args(["-qfec", &line, "/dev/null"])
             .kill_on_drop(true)
             .stdin(Stdio::piped())
@@ -544,6 +571,7 @@ impl Terminal {
             stdin,
             stdout,
             seen: Vec::new(),
+            consumed: Vec::new(),
         })
     }
 
@@ -554,7 +582,7 @@ impl Terminal {
         let mut buf = [0u8; 4096];
         loop {
             if let Some(at) = find(&self.seen, needle.as_bytes()) {
-                self.seen.drain(..at + needle.len());
+                self.consumed = self.seen.drain(..at + needle.len()).take(at).collect();
                 return Ok(());
             }
             let read = tokio::time::timeout_at(deadline, self.stdout.read(&mut buf))
@@ -574,11 +602,39 @@ impl Terminal {
         }
     }
 
+    /// What was printed before the text the last `expect` matched.
+    pub fn before(&self) -> String {
+        String::from_utf8_lossy(&self.consumed).into_owned()
+    }
+
+    /// Reads up to the end of the current line and returns what stood before it.
+    pub async fn line(&mut self, limit: Duration) -> Result<String> {
+        self.expect("\n", limit).await?;
+        Ok(self.before().trim_end().to_owned())
+    }
+
     /// Types bytes into the terminal.
     pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.stdin.write_all(bytes).await?;
         self.stdin.flush().await?;
         Ok(())
+    }
+
+    /// Detaches from the agent's tmux with its prefix and `d`, as a person would, and waits for
+    /// tmux to confirm. Keys that arrive while tmux is still busy redrawing may not take; they
+    /// are typed again until tmux confirms or `limit` passes, instead of guessing a pause.
+    pub async fn detach(&mut self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            self.send(b"\x02d").await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = Duration::from_secs(5).min(left);
+            match self.expect("[detached", wait).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => continue,
+            }
+        }
     }
 
     /// Waits for the command to exit and returns its status code.
@@ -601,4 +657,100 @@ impl Terminal {
 /// The first position of `needle` in `haystack`.
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A tag of the suite's base image that only one test uses, so that an image built from it
+/// (the proxy image, which builds in seconds) is built again by that test and its build output
+/// can be checked. Dropped, it removes the tag and the images recorded with [`BaseAlias::built`].
+pub struct BaseAlias {
+    pub image: String,
+    built: Vec<String>,
+}
+
+impl BaseAlias {
+    pub async fn new(suffix: &str) -> Result<BaseAlias> {
+        let image = format!("localhost/paude-test-base:e2e-{suffix}");
+        podman_ok(["tag", BASE_IMAGE, &image], Duration::from_secs(60)).await?;
+        Ok(BaseAlias {
+            image,
+            built: Vec::new(),
+        })
+    }
+
+    /// Records an image built from this base, to be removed with it.
+    pub fn built(&mut self, reference: &str) {
+        self.built.push(reference.to_owned());
+    }
+}
+
+impl Drop for BaseAlias {
+    fn drop(&mut self) {
+        // Without -f: an image still in use (a session that outlived its test) is left alone.
+        let mut script = String::new();
+        for image in self.built.iter().chain([&self.image]) {
+            script.push_str(&format!("podman rmi {image}; "));
+        }
+        blocking_cleanup(&script);
+    }
+}
+
+/// The image references a paude-launch run says it built (`paude: built image REF in ...`).
+pub fn built_images(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|l| l.split("paude: built image ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A tmux server of the host's own on a private socket, so that paude-launch can be run
+/// "inside tmux" (`TMUX`) as a user of tmux would run it. Dropped, the server is killed.
+pub struct HostTmux {
+    socket: String,
+    /// The value of `TMUX` for a program running inside it.
+    pub env: String,
+}
+
+impl HostTmux {
+    pub async fn start(suffix: &str) -> Result<HostTmux> {
+        let socket = format!("paude-e2e-{suffix}");
+        let tmux = |args: &[&str]| {
+            let mut cmd = Command::new("tmux");
+            cmd.args(["-L", &socket, "-f", "/dev/null"]).args(args);
+            cmd
+        };
+        run(
+            tmux(&["new-session", "-d", "-s", "outer"]),
+            Duration::from_secs(30),
+            None,
+        )
+        .await?
+        .ok("tmux new-session")?;
+        let mut server = HostTmux {
+            socket: socket.clone(),
+            env: String::new(),
+        };
+        server.env = run(
+            tmux(&["display-message", "-p", "#{socket_path},#{pid},0"]),
+            Duration::from_secs(30),
+            None,
+        )
+        .await?
+        .ok("tmux display-message")?
+        .stdout
+        .trim()
+        .to_owned();
+        Ok(server)
+    }
+}
+
+impl Drop for HostTmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../tests/require.rs"]
+pub mod require;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -23,10 +26,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The bound on every wait in these tests.
-pub const T: Duration = Duration::from_secs(10);
+/// The bound on every wait in these tests: a guard against hangs, not a measure of speed, so it
+/// is generous enough for a machine busy with other builds. No passing test waits for it.
+pub const T: Duration = Duration::from_secs(30);
 
-/// A running paude-proxy binary, killed when dropped.
 /// Open file descriptors by kind, from `/proc/PID/fd`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FdCount {
@@ -35,6 +38,7 @@ pub struct FdCount {
     pub other: usize,
 }
 
+/// A running paude-proxy binary, killed when dropped.
 pub struct Proxy {
     child: Child,
     pub addr: SocketAddr,
@@ -44,6 +48,9 @@ pub struct Proxy {
     /// The read end of a stdout pipe nobody reads ([`Proxy::start_with_stalled_stdout`]), kept
     /// open so the proxy's writes block instead of failing.
     stalled_stdout: Option<std::process::ChildStdout>,
+    /// The threads copying the child's stdout and stderr; they end when the child's pipes
+    /// close, so joining them after exit means every line it wrote has been read.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -83,7 +90,7 @@ impl Proxy {
         let (tx, rx) = mpsc::channel();
         let pipe = child.stderr.take().expect("stderr is piped");
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
@@ -92,18 +99,18 @@ impl Proxy {
         });
         let stdout = Arc::new(Mutex::new(String::new()));
         let out_pipe = child.stdout.take().expect("stdout is piped");
-        let stalled_stdout = if read_stdout {
+        let (stalled_stdout, stdout_reader) = if read_stdout {
             let out_sink = stdout.clone();
-            std::thread::spawn(move || {
+            let reader = std::thread::spawn(move || {
                 for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
                     let mut out = out_sink.lock().unwrap();
                     out.push_str(&line);
                     out.push('\n');
                 }
             });
-            None
+            (None, Some(reader))
         } else {
-            Some(out_pipe)
+            (Some(out_pipe), None)
         };
         let mut addr = None;
         let mut admin = None;
@@ -122,7 +129,11 @@ impl Proxy {
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Once the child is gone its pipes close: the readers have every line.
+                    let _ = stderr_reader.join();
+                    if let Some(reader) = stdout_reader {
+                        let _ = reader.join();
+                    }
                     return Err(stderr.lock().unwrap().clone());
                 }
             }
@@ -134,6 +145,7 @@ impl Proxy {
             stderr,
             stdout,
             stalled_stdout,
+            readers: std::iter::once(stderr_reader).chain(stdout_reader).collect(),
         })
     }
 
@@ -153,6 +165,9 @@ impl Proxy {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("try_wait works") {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -191,10 +206,18 @@ impl Proxy {
         count
     }
 
-    /// How many threads the proxy process runs.
-    pub fn threads(&self) -> usize {
+    /// How many serving threads (`paude-proxy-N`) the proxy process runs. Other threads, such
+    /// as the blocking pool's, come and go with the work and are not counted.
+    pub fn serving_threads(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
             .expect("/proc is mounted")
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .filter(|comm| {
+                comm.trim()
+                    .strip_prefix("paude-proxy-")
+                    .is_some_and(|n| n.parse::<usize>().is_ok())
+            })
             .count()
     }
 
@@ -229,14 +252,20 @@ impl Proxy {
 
     /// Sends a signal (`HUP`, `TERM`) to the proxy.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{sig} failed");
+        let number = match sig {
+            "HUP" => libc::SIGHUP,
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            other => panic!("no such signal in these tests: {other}"),
+        };
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) only sends a signal to the child this test started.
+        let sent = unsafe { libc::kill(pid, number) };
+        assert_eq!(sent, 0, "kill -{sig} failed");
     }
 
-    /// Waits for the process to exit and returns its exit code.
+    /// Waits for the process to exit and returns its exit code; afterwards `stderr` and
+    /// `stdout` hold everything the process wrote.
     pub fn wait_exit(&mut self) -> Option<i32> {
         self.wait_exit_within(T)
     }

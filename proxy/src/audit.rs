@@ -30,6 +30,40 @@ pub struct Record {
     pub bytes_down: u64,
 }
 
+impl Record {
+    /// Appends the record as one JSON line (newline included) stamped `now`: the one rendering
+    /// of an audit line. On an error `out` is left as it was.
+    pub fn encode(&self, now: SystemTime, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let line = Line {
+            ts: humantime::format_rfc3339_millis(now).to_string(),
+            client: self.client.to_string(),
+            method: self.method,
+            host: &self.host,
+            port: self.port,
+            resolved: self.resolved.map(|a| a.to_string()),
+            decision: if self.decision.allowed {
+                "allow"
+            } else {
+                "deny"
+            },
+            reason: self.decision.reason.code(),
+            rule: self.decision.rule.as_deref(),
+            group: self.decision.group.as_deref(),
+            sni: self.sni.as_deref(),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        };
+        let len = out.len();
+        if let Err(e) = serde_json::to_writer(&mut *out, &line) {
+            out.truncate(len);
+            return Err(e);
+        }
+        out.push(b'\n');
+        Ok(())
+    }
+}
+
 /// The JSON line; its keys are a contract with the launcher's `blocked` command.
 #[derive(Serialize)]
 struct Line<'a> {
@@ -120,33 +154,12 @@ impl Audit {
     /// Appends one record as a JSON line.
     pub fn write(&self, record: &Record) {
         let Some(sink) = &self.sink else { return };
-        let line = Line {
-            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            client: record.client.to_string(),
-            method: record.method,
-            host: &record.host,
-            port: record.port,
-            resolved: record.resolved.map(|a| a.to_string()),
-            decision: if record.decision.allowed {
-                "allow"
-            } else {
-                "deny"
-            },
-            reason: record.decision.reason.code(),
-            rule: record.decision.rule.as_deref(),
-            group: record.decision.group.as_deref(),
-            sni: record.sni.as_deref(),
-            bytes_up: record.bytes_up,
-            bytes_down: record.bytes_down,
-            duration_ms: record.started.elapsed().as_millis() as u64,
-        };
         let full = {
             let mut buf = lock(&sink.buf);
-            if let Err(e) = serde_json::to_writer(&mut *buf, &line) {
+            if let Err(e) = record.encode(SystemTime::now(), &mut buf) {
                 tracing::error!("cannot encode an audit line: {e}");
                 return;
             }
-            buf.push(b'\n');
             buf.len() >= FLUSH_AT
         };
         if full {

@@ -804,6 +804,15 @@ mod tests {
     }
 
     #[test]
+    fn all_does_not_cover_ip_literals_spelled_in_full_width_digits() {
+        let p = policy(&["all"], &[]);
+        check(&p, "１.２.３.４:443", Via::Connect, "ip_literal");
+        check(&p, "８．８．８．８:80", Via::Http, "ip_literal");
+        let named = policy(&["1.2.3.4"], &[]);
+        check(&named, "１.２.３.４:443", Via::Connect, "allowed");
+    }
+
+    #[test]
     fn groups_and_aliases_expand() {
         let p = policy(&["python"], &[]);
         check(&p, "files.pythonhosted.org:443", Via::Connect, "allowed");

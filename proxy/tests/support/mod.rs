@@ -41,6 +41,9 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// With [`Proxy::start_with_unread_stdout`]: the read end of stdout, held open and never
+    /// read, so the proxy's writes block once the pipe is full.
+    _unread_stdout: Option<std::process::ChildStdout>,
 }
 
 impl Proxy {
@@ -49,8 +52,18 @@ impl Proxy {
         Proxy::try_start(args).unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
     }
 
+    /// Starts the binary with a stdout pipe that nobody reads: a stalled audit sink.
+    pub fn start_with_unread_stdout(args: &[&str]) -> Proxy {
+        Proxy::try_start_with(args, false)
+            .unwrap_or_else(|e| panic!("paude-proxy did not start: {e}"))
+    }
+
     /// Starts the binary, returning its stderr if it exits before listening.
     pub fn try_start(args: &[&str]) -> Result<Proxy, String> {
+        Proxy::try_start_with(args, true)
+    }
+
+    fn try_start_with(args: &[&str], read_stdout: bool) -> Result<Proxy, String> {
         let listen: &[&str] = if args.contains(&"--listen") {
             &[]
         } else {
@@ -78,14 +91,19 @@ impl Proxy {
         });
         let stdout = Arc::new(Mutex::new(String::new()));
         let out_pipe = child.stdout.take().expect("stdout is piped");
-        let out_sink = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
-                let mut out = out_sink.lock().unwrap();
-                out.push_str(&line);
-                out.push('\n');
-            }
-        });
+        let mut unread_stdout = None;
+        if read_stdout {
+            let out_sink = stdout.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out_pipe).lines().map_while(Result::ok) {
+                    let mut out = out_sink.lock().unwrap();
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        } else {
+            unread_stdout = Some(out_pipe);
+        }
         let mut addr = None;
         let mut admin = None;
         let want_admin = args.contains(&"--admin-listen");
@@ -114,7 +132,29 @@ impl Proxy {
             admin,
             stderr,
             stdout,
+            _unread_stdout: unread_stdout,
         })
+    }
+
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The proxy's resident set size in KiB (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc is mounted");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS is in /proc/PID/status")
+    }
+
+    /// Whether the process has exited, without waiting.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait works").is_some()
     }
 
     /// Everything the proxy wrote to stderr so far.
@@ -253,6 +293,21 @@ pub async fn http_upstream() -> SocketAddr {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream on 127.0.0.1 that echoes every byte back.
+pub async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
             });
         }
     });

@@ -34,7 +34,9 @@ trap 'rm -rf "$work"' EXIT
 for t in "${targets[@]}"; do
   mkdir -p "$work/corpus/$t" "$work/artifacts/$t"
   # The seeds are read, never written: new inputs go to a scratch corpus.
-  if ! cargo "${toolchain[@]}" fuzz run -O "$t" "$work/corpus/$t" "seeds/$t" -- \
+  seeds=()
+  [ -d "seeds/$t" ] && seeds=("seeds/$t")
+  if ! cargo "${toolchain[@]}" fuzz run -O "$t" "$work/corpus/$t" "${seeds[@]}" -- \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
       -artifact_prefix="$work/artifacts/$t/" > "$work/$t.log" 2>&1; then
     tail -n 60 "$work/$t.log" >&2

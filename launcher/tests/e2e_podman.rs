@@ -1733,9 +1733,10 @@ struct Dockerd {
 
 impl Dockerd {
     async fn start(suffix: &str) -> Result<Dockerd> {
-        support::require_tools(&["dockerd", "containerd"]).context(
-            "the Docker engine test needs dockerd: apt-get install -y docker.io (the list .ci/run installs)",
-        )?;
+        support::require::require(&[
+            support::require::program("dockerd", "docker.io"),
+            support::require::program("containerd", "containerd"),
+        ]);
         let dir = PathBuf::from(format!("/var/tmp/paude-e2e-docker-{suffix}"));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("docker.sock");

@@ -40,6 +40,40 @@ pub struct Record {
     pub bytes_down: u64,
 }
 
+impl Record {
+    /// Appends the record as one JSON line (newline included) stamped `now`: the one rendering
+    /// of an audit line. On an error `out` is left as it was.
+    pub fn encode(&self, now: SystemTime, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let line = Line {
+            ts: humantime::format_rfc3339_millis(now).to_string(),
+            client: self.client.to_string(),
+            method: self.method,
+            host: &self.host,
+            port: self.port,
+            resolved: self.resolved.map(|a| a.to_string()),
+            decision: if self.decision.allowed {
+                "allow"
+            } else {
+                "deny"
+            },
+            reason: self.decision.reason.code(),
+            rule: self.decision.rule.as_deref(),
+            group: self.decision.group.as_deref(),
+            sni: self.sni.as_deref(),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+        };
+        let len = out.len();
+        if let Err(e) = serde_json::to_writer(&mut *out, &line) {
+            out.truncate(len);
+            return Err(e);
+        }
+        out.push(b'\n');
+        Ok(())
+    }
+}
+
 /// The JSON line; its keys are a contract with the launcher's `blocked` command.
 #[derive(Serialize)]
 struct Line<'a> {
@@ -208,32 +242,13 @@ impl Audit {
     /// keeping up (it is counted and reported).
     pub fn write(&self, record: &Record) -> bool {
         let Some(sink) = &self.sink else { return true };
-        let line = Line {
-            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            client: record.client.to_string(),
-            method: record.method,
-            host: &record.host,
-            port: record.port,
-            resolved: record.resolved.map(|a| a.to_string()),
-            decision: if record.decision.allowed {
-                "allow"
-            } else {
-                "deny"
-            },
-            reason: record.decision.reason.code(),
-            rule: record.decision.rule.as_deref(),
-            group: record.decision.group.as_deref(),
-            sni: record.sni.as_deref(),
-            bytes_up: record.bytes_up,
-            bytes_down: record.bytes_down,
-            duration_ms: record.started.elapsed().as_millis() as u64,
-        };
         let written = {
             let mut buf = lock(&sink.buf);
             let before = buf.len();
-            let encoded = before < MAX_BUFFERED && serde_json::to_writer(&mut *buf, &line).is_ok();
-            if encoded && buf.len() < MAX_BUFFERED {
-                buf.push(b'\n');
+            let encoded =
+                before < MAX_BUFFERED && record.encode(SystemTime::now(), &mut buf).is_ok();
+            // The line is kept only if it fits whole, its newline included.
+            if encoded && buf.len() <= MAX_BUFFERED {
                 Some(buf.len() >= FLUSH_AT)
             } else {
                 buf.truncate(before);

@@ -278,7 +278,9 @@ pub fn install(source: &Path, dest: &Path) -> anyhow::Result<()> {
     })
 }
 
-fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
+/// Merges the flags over a parsed config file (flags win) and validates the result; the pure
+/// step of [`load`] between reading the file and reading the policy files.
+pub fn merge(cli: &Cli, file: FileConfig) -> anyhow::Result<Settings> {
     let base = cli
         .config
         .as_deref()

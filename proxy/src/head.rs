@@ -26,6 +26,7 @@ use crate::error::Reason;
 const MAX_HEADERS: usize = 64;
 
 /// What the first bytes of a connection are.
+#[derive(Debug, PartialEq, Eq)]
 pub enum First {
     /// A complete CONNECT head for `authority`; `rest` holds the bytes behind it.
     Connect { authority: String, rest: Vec<u8> },
@@ -37,35 +38,17 @@ pub enum First {
     Gone,
 }
 
+/// The request line's first bytes that make a connection a bare-socket CONNECT.
+const CONNECT: &[u8] = b"CONNECT ";
+
 /// Reads until the connection is known not to start with a CONNECT, or its CONNECT head is
 /// complete. Bounded by the header timeout and the header size limit.
 pub async fn read_first(stream: &mut TcpStream, limits: &Limits) -> First {
-    const CONNECT: &[u8] = b"CONNECT ";
     let deadline = tokio::time::Instant::now() + limits.header_timeout;
     let mut buf = Vec::with_capacity(4096);
     loop {
-        let prefix = buf.len().min(CONNECT.len());
-        if buf[..prefix] != CONNECT[..prefix] {
-            return First::Http { read: buf };
-        }
-        if buf.len() >= CONNECT.len() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
-            match req.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let authority = req.path.unwrap_or("").to_owned();
-                    let rest = buf.split_off(len);
-                    return First::Connect { authority, rest };
-                }
-                Ok(httparse::Status::Partial) => {}
-                Err(httparse::Error::TooManyHeaders) => {
-                    return First::Malformed(Reason::HeaderTooLarge)
-                }
-                Err(_) => return First::Malformed(Reason::BadRequest),
-            }
-        }
-        if buf.len() >= limits.max_header_bytes {
-            return First::Malformed(Reason::HeaderTooLarge);
+        if let Some(first) = classify(&mut buf, limits.max_header_bytes) {
+            return first;
         }
         buf.reserve(4096);
         match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
@@ -79,6 +62,39 @@ pub async fn read_first(stream: &mut TcpStream, limits: &Limits) -> First {
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// What the bytes read so far (`buf`) make of a connection's start, or `None` while more are
+/// needed. The decision [`read_first`] takes after every read, without the socket, so it can be
+/// fed any bytes in any split (the fuzz targets do). Takes the bytes out of `buf` once it decides.
+pub fn classify(buf: &mut Vec<u8>, max_header_bytes: usize) -> Option<First> {
+    let prefix = buf.len().min(CONNECT.len());
+    if buf[..prefix] != CONNECT[..prefix] {
+        return Some(First::Http {
+            read: std::mem::take(buf),
+        });
+    }
+    if buf.len() >= CONNECT.len() {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let authority = req.path.unwrap_or("").to_owned();
+                let rest = buf.split_off(len);
+                buf.clear();
+                return Some(First::Connect { authority, rest });
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Some(First::Malformed(Reason::HeaderTooLarge))
+            }
+            Err(_) => return Some(First::Malformed(Reason::BadRequest)),
+        }
+    }
+    if buf.len() >= max_header_bytes {
+        return Some(First::Malformed(Reason::HeaderTooLarge));
+    }
+    None
 }
 
 /// A lingering close ends when the client has sent nothing for this long.

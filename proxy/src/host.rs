@@ -50,7 +50,13 @@ impl Host {
         if let Ok(ip) = raw.parse::<IpAddr>() {
             return Ok(Host::Ip(ip));
         }
-        normalise_name(raw).map(|n| Host::Name(n.into_owned().into_boxed_str()))
+        let name = normalise_name(raw)?;
+        // IDNA maps full-width digits and full stops to ASCII, so a name can come out as an
+        // IP literal (`１.２.３.４`): it is one, and is compared and refused as one.
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(Host::Ip(ip));
+        }
+        Ok(Host::Name(name.into_owned().into_boxed_str()))
     }
 
     /// The IP address of a literal host.
@@ -184,6 +190,22 @@ mod tests {
         check("evil.com/x", Err(()));
         check("", Err(()));
         check(".", Err(()));
+    }
+
+    #[test]
+    fn ip_literals_spelled_in_full_width_digits_are_ip_literals() {
+        // IDNA maps full-width digits and full stops to ASCII, so these come out of name
+        // normalisation as IP literals; as names they would slip past the IP-literal rule.
+        for (raw, ip) in [
+            ("１２７.０.０.１", "127.0.0.1"),
+            ("１.２.３.４", "1.2.3.4"),
+            ("８．８．８．８", "8.8.8.8"),
+            ("１.２.３.４.", "1.2.3.4"),
+        ] {
+            assert_eq!(Host::parse(raw), Ok(Host::Ip(ip.parse().unwrap())), "{raw}");
+        }
+        let t = Target::parse("１.２.３.４:443", None).unwrap();
+        assert_eq!(t.host.ip(), Some(IpAddr::from([1, 2, 3, 4])));
     }
 
     #[test]

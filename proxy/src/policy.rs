@@ -204,6 +204,11 @@ fn parse_pattern(text: &str) -> Result<(String, HostPattern, Option<u16>), Strin
             return Err(everything());
         }
         let domain = normalise_name(domain).map_err(|e| format!("pattern '{text}': {e}"))?;
+        if domain.parse::<IpAddr>().is_ok() {
+            return Err(format!(
+                "pattern '{text}': '{domain}' is an IP address, not a domain; to allow that address write '{domain}'"
+            ));
+        }
         if !domain.contains('.') {
             return Err(format!(
                 "pattern '{text}' matches every host under '{domain}'; name a registered domain such as '.example.{domain}'"
@@ -848,6 +853,15 @@ mod tests {
     }
 
     #[test]
+    fn all_does_not_cover_ip_literals_spelled_in_full_width_digits() {
+        let p = policy(&["all"], &[]);
+        check(&p, "１.２.３.４:443", Via::Connect, "ip_literal");
+        check(&p, "８．８．８．８:80", Via::Http, "ip_literal");
+        let named = policy(&["1.2.3.4"], &[]);
+        check(&named, "１.２.３.４:443", Via::Connect, "allowed");
+    }
+
+    #[test]
     fn groups_and_aliases_expand() {
         let p = policy(&["python"], &[]);
         check(&p, "files.pythonhosted.org:443", Via::Connect, "allowed");
@@ -874,6 +888,22 @@ mod tests {
             )
             .unwrap_err();
             assert!(err.message.contains("matches every"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_domain_pattern_over_an_ip_address_is_an_error() {
+        // `.1.2.3.4` can never match: the host 1.2.3.4 is an IP literal, not a name under it.
+        for bad in [".1.2.3.4", ".0.1.2.3:343", ".１.２.３.４"] {
+            let err = Policy::compile(
+                &Groups::default(),
+                &PolicySettings {
+                    allow: vec![bad.to_owned()],
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+            assert!(err.message.contains("is an IP address"), "{bad}: {err}");
         }
     }
 

@@ -62,30 +62,10 @@ pub async fn read_client_hello(
     timeout: Duration,
 ) -> std::io::Result<FirstBytes> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut acceptor = Acceptor::default();
-    let mut fed = 0;
+    let mut hello = HelloParser::default();
     loop {
-        if let Some(first) = buf.first() {
-            if *first != HANDSHAKE {
-                return Ok(FirstBytes::Opaque);
-            }
-            while fed < buf.len() {
-                match acceptor.read_tls(&mut &buf[fed..]) {
-                    Ok(n) => fed += n,
-                    Err(_) => return Ok(FirstBytes::Opaque),
-                }
-            }
-            match acceptor.accept() {
-                // rustls accepted a complete hello; read the names from the same bytes.
-                Ok(Some(_)) => {
-                    return Ok(match hello_names(buf) {
-                        Some(names) => FirstBytes::Tls(names),
-                        None => FirstBytes::Opaque,
-                    });
-                }
-                Ok(None) if buf.len() < MAX_HELLO => {}
-                Ok(None) | Err(_) => return Ok(FirstBytes::Opaque),
-            }
+        if let Some(first) = hello.push(buf) {
+            return Ok(first);
         }
         let before = buf.len();
         buf.reserve(4096);
@@ -106,6 +86,42 @@ pub async fn read_client_hello(
             Ok(Ok(Some(0))) if before == 0 => return Ok(FirstBytes::Closed),
             Ok(Ok(Some(0))) => return Ok(FirstBytes::Opaque),
             Ok(Ok(Some(_))) => {}
+        }
+    }
+}
+
+/// The ClientHello parse of [`read_client_hello`] without the socket: fed the growing buffer
+/// after every read, it says what the bytes are as soon as that is known. Separate so any bytes
+/// in any split can be fed to it (the fuzz targets do).
+#[derive(Default)]
+pub struct HelloParser {
+    acceptor: Acceptor,
+    /// How many bytes of the buffer the acceptor has taken.
+    fed: usize,
+}
+
+impl HelloParser {
+    /// Takes the bytes of `buf` not fed yet (`buf` holds every byte so far, as read) and returns
+    /// what they are, or `None` while a ClientHello may still be arriving.
+    pub fn push(&mut self, buf: &[u8]) -> Option<FirstBytes> {
+        let first = *buf.first()?;
+        if first != HANDSHAKE {
+            return Some(FirstBytes::Opaque);
+        }
+        while self.fed < buf.len() {
+            match self.acceptor.read_tls(&mut &buf[self.fed..]) {
+                Ok(n) => self.fed += n,
+                Err(_) => return Some(FirstBytes::Opaque),
+            }
+        }
+        match self.acceptor.accept() {
+            // rustls accepted a complete hello; read the names from the same bytes.
+            Ok(Some(_)) => Some(match hello_names(buf) {
+                Some(names) => FirstBytes::Tls(names),
+                None => FirstBytes::Opaque,
+            }),
+            Ok(None) if buf.len() < MAX_HELLO => None,
+            Ok(None) | Err(_) => Some(FirstBytes::Opaque),
         }
     }
 }

@@ -151,20 +151,6 @@ async fn sni_that_differs_from_the_connect_host_closes_the_tunnel() {
 }
 
 /// An upstream that echoes what it receives.
-async fn echo_upstream() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 async fn opaque_exchange(proxy: std::net::SocketAddr, target: &str) -> String {
     let mut s = connect(proxy).await;
     let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nSSH-2.0-test\r\n");

@@ -109,19 +109,26 @@ impl Drop for Active {
     }
 }
 
-/// Fails with the install command when netavark or aardvark-dns is missing.
+/// Fails at once, naming the packages to install, when netavark, aardvark-dns or a tool the
+/// guard and the fake resolver use is missing.
 pub fn require_netavark() -> Result<()> {
-    let missing: Vec<&str> = ["netavark", "aardvark-dns"]
-        .into_iter()
-        .filter(|b| !Path::new("/usr/lib/podman").join(b).is_file())
-        .collect();
-    ensure!(
-        missing.is_empty(),
-        "{} not found in /usr/lib/podman: install with `apt-get install -y netavark aardvark-dns` \
-         (the list .ci/run installs)",
-        missing.join(", ")
-    );
-    super::require_tools(&["iptables", "nsenter", "unshare"])
+    use super::require::{program, require, Tool};
+    require(&[
+        Tool {
+            name: "netavark",
+            candidates: &["/usr/lib/podman/netavark"],
+            package: "netavark",
+        },
+        Tool {
+            name: "aardvark-dns",
+            candidates: &["/usr/lib/podman/aardvark-dns"],
+            package: "aardvark-dns",
+        },
+        program("iptables", "iptables"),
+        program("nsenter", "util-linux"),
+        program("unshare", "util-linux"),
+    ]);
+    Ok(())
 }
 
 /// Writes `contents` to `path` unless it already holds exactly that (runs share the files).

@@ -145,8 +145,15 @@ impl Proxy {
             stderr,
             stdout,
             stalled_stdout,
-            readers: std::iter::once(stderr_reader).chain(stdout_reader).collect(),
+            readers: std::iter::once(stderr_reader)
+                .chain(stdout_reader)
+                .collect(),
         })
+    }
+
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The proxy's resident memory now, in KiB (`VmRSS` of `/proc/PID/status`).
@@ -173,6 +180,11 @@ impl Proxy {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// Whether the process has exited, without waiting.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait works").is_some()
     }
 
     /// Everything the proxy wrote to stderr so far.
@@ -335,6 +347,21 @@ pub async fn http_upstream() -> SocketAddr {
             .unwrap()
     })
     .await
+}
+
+/// An upstream on 127.0.0.1 that echoes every byte back.
+pub async fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
 }
 
 /// A TLS upstream and the CA that signed its certificate.

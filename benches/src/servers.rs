@@ -289,7 +289,7 @@ async fn wait_for_stdin_to_close() -> anyhow::Result<()> {
 /// The body of `paude-benches bare-relay`: the least work a CONNECT proxy can do, as a floor
 /// to measure paude-proxy against. It reads the CONNECT head, refuses any host but the
 /// benchmark's with a bare `403`, dials 127.0.0.1 at the requested port, answers `200` and
-/// relays bytes both ways with splice(2); no policy, no name resolution, no address or
+/// relays bytes both ways with paude-proxy's relay loop; no policy, no name resolution, no address or
 /// SNI checks, no logs, no limits. It is built like paude-proxy (one current-thread runtime per
 /// CPU, each with its own `SO_REUSEPORT` listener), so the gap between the two is what
 /// paude-proxy's guards cost, and the gap between it and the direct path is what any proxy hop
@@ -395,7 +395,7 @@ async fn bare_relay(mut client: TcpStream) -> anyhow::Result<()> {
             }
         }
     }
-    // paude-proxy's splice(2) loop: the cheapest way to move the bytes that is known here.
+    // paude-proxy's own relay loop, so the floor moves bytes exactly as the product does.
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (to_upstream, to_client) = tokio::join!(
         relay(&client, &upstream, &up),

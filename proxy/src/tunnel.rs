@@ -23,7 +23,7 @@ use crate::policy::Decision;
 use crate::server::State;
 use crate::tls::{read_client_hello, FirstBytes};
 
-/// Copy buffer per direction, where splice(2) is not available.
+/// Copy buffer per direction of the portable relay (Linux uses `splice::relay`).
 #[cfg(not(target_os = "linux"))]
 const BUF_SIZE: usize = 32 * 1024;
 
@@ -149,7 +149,7 @@ fn finish(state: &State, record: &Record) {
     state.finish(record);
 }
 
-/// Relays both ways with splice(2) until both sides have closed, either side fails, nothing
+/// Relays both ways (`splice::relay`, one pooled buffer per flowing direction) until both sides have closed, either side fails, nothing
 /// moved for `idle`, or `stop` fires. Returns the bytes sent up (client to upstream) and down.
 #[cfg(target_os = "linux")]
 async fn pump(

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, ensure, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The allowed host every path tunnels to and fetches from (pinned to 127.0.0.1 in each peer).
@@ -63,6 +63,32 @@ pub async fn open_tunnel(
         "tunnel echoed different bytes than it was sent"
     );
     Ok(stream)
+}
+
+/// Opens a connection to `upstream`, straight or through a proxy's CONNECT tunnel, and returns
+/// it as soon as the tunnel is up, before any byte of the upstream's protocol has been sent.
+pub async fn open_raw_tunnel(route: Route, upstream: SocketAddr) -> anyhow::Result<TcpStream> {
+    match route {
+        Route::Direct => connect(upstream).await,
+        Route::Proxy(proxy) => {
+            let mut stream = connect(proxy).await?;
+            let port = upstream.port();
+            let request = format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            let mut leftover = Vec::new();
+            let head = read_head(&mut stream, &mut leftover).await?;
+            ensure!(
+                head.status == 200,
+                "proxy answered CONNECT with status {}",
+                head.status
+            );
+            ensure!(
+                leftover.is_empty(),
+                "proxy sent bytes behind its CONNECT answer before the client spoke"
+            );
+            Ok(stream)
+        }
+    }
 }
 
 /// Asks the proxy for a tunnel to the denied host and returns the refusal's status code.
@@ -158,7 +184,8 @@ impl HttpClient {
     }
 }
 
-fn is_early_close(error: &anyhow::Error) -> bool {
+/// Whether `error` says the other side closed the connection before a response began.
+pub fn is_early_close(error: &anyhow::Error) -> bool {
     error.to_string() == EARLY_CLOSE
         || error.downcast_ref::<std::io::Error>().is_some_and(|e| {
             matches!(
@@ -178,14 +205,19 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {
     Ok(stream)
 }
 
-struct Head {
-    status: u16,
-    content_length: Option<usize>,
-    close: bool,
+/// What the load generator needs of a response head.
+pub struct Head {
+    pub status: u16,
+    pub content_length: Option<usize>,
+    /// The server will close the connection after this response.
+    pub close: bool,
 }
 
 /// Reads one response head; `buf` holds bytes already read and keeps the bytes that follow it.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Head> {
+pub async fn read_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<Head> {
     let mut chunk = [0u8; 4096];
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];

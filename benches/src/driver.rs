@@ -14,10 +14,12 @@ use anyhow::{bail, Context};
 
 use crate::client::{self, Route, HOST};
 use crate::hello::client_hello;
+use crate::nginx::{self, Nginx};
 use crate::peers::{self, Peer, PeerConfig, PeerKind};
 use crate::procfs::CpuMeter;
 use crate::scenarios::{self, IdleSample, Sample};
 use crate::servers;
+use crate::tls::BenchTls;
 
 /// The scenarios a run can be limited to (`--only`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -28,6 +30,26 @@ pub enum Scenario {
     Denials,
     Flood,
     Idle,
+    /// HTTPS download of a large file from nginx through the tunnel.
+    HttpsDownload,
+    /// Small HTTPS requests over long-lived keep-alive tunnels.
+    Api,
+    /// An HTTPS event stream: time to first event and delay per event.
+    Events,
+    /// Full-duplex echo against an upstream that copies 8 KiB at a time.
+    Duplex,
+    /// Plain-HTTP download of the large file through the forward proxy.
+    HttpDownload,
+}
+
+impl Scenario {
+    /// Whether the scenario needs nginx.
+    fn needs_nginx(self) -> bool {
+        matches!(
+            self,
+            Scenario::HttpsDownload | Scenario::Api | Scenario::HttpDownload
+        )
+    }
 }
 
 /// How much of everything a run does.
@@ -47,6 +69,24 @@ pub struct Plan {
     /// Rounds of the flood comparison, which needs more than the others to see a 10 % change.
     pub flood_rounds: usize,
     pub idle_tunnels: usize,
+    /// Writes of the bulk scenario.
+    pub bulk_block: usize,
+    /// Parallel HTTPS downloads, one row each.
+    pub https_streams: Vec<usize>,
+    /// The size of the file nginx serves for the downloads.
+    pub file_len: u64,
+    /// Keep-alive tunnels carrying the small API requests.
+    pub api_concurrency: usize,
+    /// Event streams open at once, the time between two events of a stream, and the events a
+    /// stream reads before it closes and a new one is opened.
+    pub event_streams: usize,
+    pub event_interval: Duration,
+    pub events_per_stream: usize,
+    /// Tunnels of the full-duplex scenario and the size of the client's writes.
+    pub duplex_tunnels: Vec<usize>,
+    pub duplex_block: usize,
+    /// Parallel plain-HTTP downloads.
+    pub http_download_streams: usize,
     /// The scenarios to run; all when empty.
     pub only: Vec<Scenario>,
 }
@@ -70,6 +110,16 @@ impl Plan {
             flood_per_sec: 1000,
             flood_rounds: 9,
             idle_tunnels: 10_000,
+            bulk_block: 128 * 1024,
+            https_streams: vec![1, 8],
+            file_len: 256 << 20,
+            api_concurrency: 8,
+            event_streams: 8,
+            event_interval: Duration::from_millis(2),
+            events_per_stream: 100,
+            duplex_tunnels: vec![1],
+            duplex_block: 256 * 1024,
+            http_download_streams: 1,
             only: Vec::new(),
         }
     }
@@ -88,8 +138,23 @@ impl Plan {
             flood_per_sec: 200,
             flood_rounds: 1,
             idle_tunnels: 100,
+            bulk_block: 128 * 1024,
+            https_streams: vec![1, 2],
+            file_len: 8 << 20,
+            api_concurrency: 2,
+            event_streams: 2,
+            event_interval: Duration::from_millis(2),
+            events_per_stream: 50,
+            duplex_tunnels: vec![1],
+            duplex_block: 256 * 1024,
+            http_download_streams: 1,
             only: Vec::new(),
         }
+    }
+
+    /// Whether the run needs nginx (the HTTPS and plain downloads and the API requests).
+    pub fn needs_nginx(&self) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s.needs_nginx())
     }
 }
 
@@ -115,6 +180,40 @@ pub struct Results {
     pub flood_allowed: BTreeMap<PeerKind, Sample>,
     pub flood_denied: BTreeMap<PeerKind, Sample>,
     pub idle: BTreeMap<PeerKind, IdleSample>,
+    /// HTTPS downloads by number of parallel streams.
+    pub https: BTreeMap<(usize, PeerKind), Sample>,
+    pub api: BTreeMap<PeerKind, Sample>,
+    /// Event-stream connections (latency: time to first event) and events (latency: delay).
+    pub event_connections: BTreeMap<PeerKind, Sample>,
+    pub events: BTreeMap<PeerKind, Sample>,
+    /// Full-duplex echo against the small-buffer upstream, by number of tunnels.
+    pub duplex: BTreeMap<(usize, PeerKind), Sample>,
+    pub http_download: BTreeMap<PeerKind, Sample>,
+}
+
+impl Results {
+    /// Empty results of `plan` on `machine` with these peers' versions.
+    pub fn new(plan: Plan, machine: Machine, versions: BTreeMap<PeerKind, String>) -> Self {
+        Results {
+            plan,
+            machine,
+            versions,
+            tunnel: BTreeMap::new(),
+            bulk: BTreeMap::new(),
+            http: BTreeMap::new(),
+            deny: BTreeMap::new(),
+            flood_baseline: BTreeMap::new(),
+            flood_allowed: BTreeMap::new(),
+            flood_denied: BTreeMap::new(),
+            idle: BTreeMap::new(),
+            https: BTreeMap::new(),
+            api: BTreeMap::new(),
+            event_connections: BTreeMap::new(),
+            events: BTreeMap::new(),
+            duplex: BTreeMap::new(),
+            http_download: BTreeMap::new(),
+        }
+    }
 }
 
 /// Where the paude-proxy binary is and which peers to include.
@@ -180,16 +279,36 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
         plan.idle_tunnels = fit;
     }
 
-    let echo = servers::spawn_echo_process(&setup.helper_bin).await?;
-    let meter = CpuMeter {
-        echo_pid: echo.pid(),
-    };
+    let echo = servers::spawn_echo_process(&setup.helper_bin, servers::ECHO_BUFFER).await?;
+    let small_echo =
+        servers::spawn_echo_process(&setup.helper_bin, servers::SMALL_ECHO_BUFFER).await?;
     let origin = servers::start_origin().await?;
+    let tls = Arc::new(BenchTls::new().context("cannot make the benchmark's test CA")?);
+    let nginx = match plan.needs_nginx() {
+        true => Some(
+            nginx::start(&tls, plan.file_len)
+                .await
+                .context("cannot start nginx, the HTTPS origin")?,
+        ),
+        false => None,
+    };
+    let events = servers::start_event_stream(tls.server.clone(), plan.event_interval).await?;
+    let mut upstream_pids: Vec<u32> = [echo.pid(), small_echo.pid()]
+        .into_iter()
+        .flatten()
+        .collect();
+    upstream_pids.extend(nginx.as_ref().and_then(Nginx::pid));
+    let meter = CpuMeter { upstream_pids };
+    let mut ports = vec![small_echo.addr.port(), events.addr.port()];
+    if let Some(nginx) = &nginx {
+        ports.extend([nginx.tls.port(), nginx.plain.port()]);
+    }
     let config = PeerConfig {
         paude_bin: setup.paude_bin.clone(),
         helper_bin: setup.helper_bin.clone(),
         echo: echo.addr,
         origin: origin.addr,
+        extra_ports: ports,
         max_connections: plan.idle_tunnels + 1024,
     };
     let mut running: BTreeMap<PeerKind, Peer> = BTreeMap::new();
@@ -203,24 +322,16 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
 
     for peer in running.values() {
         check_path(peer, echo.addr, origin.addr, &hello).await?;
+        if let Some(nginx) = &nginx {
+            check_https(peer, nginx, &tls).await?;
+        }
     }
 
-    let mut results = Results {
-        plan: plan.clone(),
-        machine: machine(nofile),
-        versions: running
-            .iter()
-            .map(|(k, p)| (*k, p.version.clone()))
-            .collect(),
-        tunnel: BTreeMap::new(),
-        bulk: BTreeMap::new(),
-        http: BTreeMap::new(),
-        deny: BTreeMap::new(),
-        flood_baseline: BTreeMap::new(),
-        flood_allowed: BTreeMap::new(),
-        flood_denied: BTreeMap::new(),
-        idle: BTreeMap::new(),
-    };
+    let versions = running
+        .iter()
+        .map(|(k, p)| (*k, p.version.clone()))
+        .collect();
+    let mut results = Results::new(plan.clone(), machine(nofile), versions);
     let kinds: Vec<PeerKind> = running.keys().copied().collect();
     let proxies: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.is_proxy()).collect();
     let refusers: Vec<PeerKind> = kinds.iter().copied().filter(|k| k.refuses()).collect();
@@ -260,7 +371,14 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
             for round in 0..plan.rounds {
                 for kind in rotation(&kinds, round) {
                     let peer = alive(&mut running, kind)?;
-                    let run = scenarios::bulk(peer.route, echo.addr, hello.clone(), n, d);
+                    let run = scenarios::bulk(
+                        peer.route,
+                        echo.addr,
+                        hello.clone(),
+                        n,
+                        plan.bulk_block,
+                        d,
+                    );
                     let sample = metered(&meter, peer.pid(), run).await;
                     progress(
                         &format!("bulk x{n}"),
@@ -380,6 +498,104 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
             }
         }
     }
+    if plan.includes(Scenario::HttpsDownload) {
+        let nginx = nginx.as_ref().context("nginx is not running")?;
+        for &n in &plan.https_streams {
+            let (addr, tls) = (nginx.tls, tls.clone());
+            let samples = interleaved(
+                &plan,
+                &kinds,
+                &mut running,
+                &meter,
+                &format!("https x{n}"),
+                ("GiB/s", Sample::gib_per_sec),
+                |route| scenarios::https_download(route, addr, tls.clone(), n, d),
+            )
+            .await?;
+            for (kind, sample) in samples {
+                results.https.insert((n, kind), sample);
+            }
+        }
+    }
+    if plan.includes(Scenario::Api) {
+        let nginx = nginx.as_ref().context("nginx is not running")?;
+        let (addr, c) = (nginx.tls, plan.api_concurrency);
+        results.api = interleaved(
+            &plan,
+            &kinds,
+            &mut running,
+            &meter,
+            "api",
+            ("req/s", Sample::ops_per_sec),
+            |route| scenarios::api(route, addr, tls.clone(), c, d),
+        )
+        .await?;
+    }
+    if plan.includes(Scenario::Events) {
+        for round in 0..plan.rounds {
+            for kind in rotation(&kinds, round) {
+                let peer = alive(&mut running, kind)?;
+                let run = scenarios::event_stream(
+                    peer.route,
+                    events.addr,
+                    tls.clone(),
+                    plan.event_streams,
+                    plan.events_per_stream,
+                    d,
+                );
+                let before = meter.read(peer.pid());
+                let (connections, mut delivered) = run.await;
+                delivered.cpu = meter.read(peer.pid()) - before;
+                let p50 = delivered.quantile_us(0.5).unwrap_or(f64::NAN);
+                progress(
+                    "events",
+                    kind,
+                    round,
+                    &connections,
+                    p50,
+                    "µs event delay p50",
+                );
+                results
+                    .event_connections
+                    .entry(kind)
+                    .or_default()
+                    .add_round(connections);
+                results.events.entry(kind).or_default().add_round(delivered);
+            }
+        }
+    }
+    if plan.includes(Scenario::Duplex) {
+        for &n in &plan.duplex_tunnels {
+            let (addr, block, hello) = (small_echo.addr, plan.duplex_block, hello.clone());
+            let samples = interleaved(
+                &plan,
+                &kinds,
+                &mut running,
+                &meter,
+                &format!("duplex x{n}"),
+                ("GiB/s", Sample::gib_per_sec),
+                |route| scenarios::bulk(route, addr, hello.clone(), n, block, d),
+            )
+            .await?;
+            for (kind, sample) in samples {
+                results.duplex.insert((n, kind), sample);
+            }
+        }
+    }
+    if plan.includes(Scenario::HttpDownload) {
+        let nginx = nginx.as_ref().context("nginx is not running")?;
+        let (addr, n) = (nginx.plain, plan.http_download_streams);
+        results.http_download = interleaved(
+            &plan,
+            &kinds,
+            &mut running,
+            &meter,
+            "http download",
+            ("GiB/s", Sample::gib_per_sec),
+            |route| scenarios::http_download(route, addr, n, d),
+        )
+        .await?;
+    }
     if plan.includes(Scenario::Idle) {
         for kind in proxies {
             let peer = alive(&mut running, kind)?;
@@ -409,6 +625,33 @@ pub async fn run(plan: Plan, setup: &Setup) -> anyhow::Result<Results> {
         alive(&mut running, kind)?;
     }
     Ok(results)
+}
+
+/// Runs one scenario through each of `kinds` for the plan's rounds, the peers taking turns in
+/// rotating order, each run metered; prints each run's `value` and returns each peer's rounds.
+async fn interleaved<F, Fut>(
+    plan: &Plan,
+    kinds: &[PeerKind],
+    running: &mut BTreeMap<PeerKind, Peer>,
+    meter: &CpuMeter,
+    label: &str,
+    (unit, value): (&str, fn(&Sample) -> f64),
+    mut scenario: F,
+) -> anyhow::Result<BTreeMap<PeerKind, Sample>>
+where
+    F: FnMut(Route) -> Fut,
+    Fut: std::future::Future<Output = Sample>,
+{
+    let mut samples: BTreeMap<PeerKind, Sample> = BTreeMap::new();
+    for round in 0..plan.rounds {
+        for kind in rotation(kinds, round) {
+            let peer = alive(running, kind)?;
+            let sample = metered(meter, peer.pid(), scenario(peer.route)).await;
+            progress(label, kind, round, &sample, value(&sample), unit);
+            samples.entry(kind).or_default().add_round(sample);
+        }
+    }
+    Ok(samples)
 }
 
 /// Runs one measurement and records the CPU time spent during it.
@@ -458,6 +701,19 @@ async fn check_path(
             .with_context(|| format!("{name}: does not refuse a CONNECT to a denied host"))?;
     }
     Ok(())
+}
+
+/// One HTTPS request to nginx through `peer`, so a path that cannot carry TLS to nginx fails
+/// the run at once.
+async fn check_https(peer: &Peer, nginx: &Nginx, tls: &BenchTls) -> anyhow::Result<()> {
+    let name = peer.kind.name();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        scenarios::api_request_once(peer.route, nginx.tls, tls),
+    )
+    .await
+    .with_context(|| format!("{name}: an HTTPS request to nginx timed out"))?
+    .with_context(|| format!("{name}: cannot make an HTTPS request to nginx"))
 }
 
 fn progress(scenario: &str, kind: PeerKind, round: usize, sample: &Sample, value: f64, unit: &str) {
@@ -536,6 +792,52 @@ pub fn check_sane(results: &Results) -> anyhow::Result<()> {
                 format!("{name} flood denied"),
                 results.flood_denied.get(&kind),
                 false,
+            );
+        }
+        for &n in results
+            .plan
+            .https_streams
+            .iter()
+            .filter(|_| on(Scenario::HttpsDownload))
+        {
+            check(
+                format!("{name} HTTPS download x{n}"),
+                results.https.get(&(n, kind)),
+                true,
+            );
+        }
+        if on(Scenario::Api) {
+            check(format!("{name} HTTPS API"), results.api.get(&kind), false);
+        }
+        if on(Scenario::Events) {
+            check(
+                format!("{name} event stream connections"),
+                results.event_connections.get(&kind),
+                false,
+            );
+            check(
+                format!("{name} event stream events"),
+                results.events.get(&kind),
+                false,
+            );
+        }
+        for &n in results
+            .plan
+            .duplex_tunnels
+            .iter()
+            .filter(|_| on(Scenario::Duplex))
+        {
+            check(
+                format!("{name} full-duplex x{n}"),
+                results.duplex.get(&(n, kind)),
+                true,
+            );
+        }
+        if on(Scenario::HttpDownload) {
+            check(
+                format!("{name} plain HTTP download"),
+                results.http_download.get(&kind),
+                true,
             );
         }
         if kind.is_proxy() && on(Scenario::Idle) {

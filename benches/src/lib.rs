@@ -2,7 +2,10 @@
 //!
 //! Module map, in the order a run uses them:
 //! - [`hello`]: the TLS ClientHello every tunnel sends as its first flight.
-//! - [`servers`]: the upstream echo/sink server and the plain HTTP origin, both on 127.0.0.1.
+//! - [`servers`]: the upstream echo servers (64 KiB and 8 KiB copy buffers), the plain HTTP
+//!   origin and the HTTPS event-stream server, all on 127.0.0.1.
+//! - [`tls`]: the run's test CA, its certificate for the benchmark host, the rustls client.
+//! - [`nginx`]: nginx as the HTTPS and plain-HTTP origin of the downloads and API requests.
 //! - [`peers`]: finds, configures, starts and stops paude-proxy, squid, tinyproxy and the bare
 //!   relay (a floor: a CONNECT relay with nothing else).
 //! - [`client`]: the load generator's wire primitives (CONNECT, echo round trip, keep-alive GET).
@@ -16,8 +19,10 @@
 pub mod client;
 pub mod driver;
 pub mod hello;
+pub mod nginx;
 pub mod peers;
 pub mod procfs;
 pub mod report;
 pub mod scenarios;
 pub mod servers;
+pub mod tls;

@@ -40,7 +40,12 @@ enum Mode {
     },
     /// Serve the upstream echo server until standard input closes (used by the benchmark itself).
     #[command(hide = true)]
-    EchoServer,
+    EchoServer {
+        /// The copy buffer: each connection reads at most this many bytes, writes them back,
+        /// and reads again.
+        #[arg(long, default_value_t = paude_benches::servers::ECHO_BUFFER)]
+        buffer: usize,
+    },
     /// Serve the bare CONNECT relay until standard input closes (used by the benchmark itself).
     #[command(hide = true)]
     BareRelay,
@@ -59,6 +64,13 @@ struct Common {
     /// rewrite the results file.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Scenario>,
+    /// Rounds per scenario instead of the plan's (the denial flood keeps its own count unless
+    /// this is lower), for a quick pass over the whole plan.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds one scenario runs on one peer in one round instead of the plan's.
+    #[arg(long)]
+    seconds: Option<f64>,
 }
 
 fn parse_peer(name: &str) -> Result<PeerKind, String> {
@@ -90,14 +102,29 @@ fn real_main() -> anyhow::Result<()> {
             (Plan::full(), common, out)
         }
         Mode::Smoke { common } => (Plan::smoke(), common, None),
-        Mode::EchoServer => {
+        Mode::EchoServer { buffer } => {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            return runtime.block_on(paude_benches::servers::serve_echo_until_stdin_closes());
+            return runtime.block_on(paude_benches::servers::serve_echo_until_stdin_closes(
+                buffer,
+            ));
         }
         Mode::BareRelay => return paude_benches::servers::serve_bare_relay_until_stdin_closes(),
     };
     plan.only = common.only.clone();
+    if let Some(rounds) = common.rounds {
+        if rounds == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        plan.rounds = rounds;
+        plan.flood_rounds = plan.flood_rounds.min(rounds);
+    }
+    if let Some(seconds) = common.seconds {
+        plan.duration = std::time::Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--seconds must be a positive number of seconds")?;
+    }
     let plan_is_smoke = plan.name == "smoke";
     let paude_bin = match common.paude_bin {
         Some(path) => path,

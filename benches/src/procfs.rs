@@ -132,9 +132,10 @@ impl AddAssign for CpuUse {
 }
 
 /// Reads [`CpuUse`] for one proxy process (none on the direct path) and the load side: this
-/// process (the load generator) and the echo server's process.
+/// process (the load generator, with the HTTP origin and the event-stream server) and the
+/// upstream servers' processes (the echo servers, nginx).
 pub struct CpuMeter {
-    pub echo_pid: Option<u32>,
+    pub upstream_pids: Vec<u32>,
 }
 
 impl CpuMeter {
@@ -143,7 +144,13 @@ impl CpuMeter {
         let own = cpu_secs(std::process::id());
         CpuUse {
             proxy: proxy_pid.map_or(0.0, tree_cpu_secs),
-            load: own + self.echo_pid.map_or(0.0, tree_cpu_secs),
+            load: own
+                + self
+                    .upstream_pids
+                    .iter()
+                    .copied()
+                    .map(tree_cpu_secs)
+                    .sum::<f64>(),
             machine: machine_busy_secs(),
         }
     }

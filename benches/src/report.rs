@@ -69,22 +69,11 @@ fn rows(results: &Results) -> Vec<Row> {
         );
     }
     for &n in &results.plan.bulk_tunnels {
-        let at: BTreeMap<PeerKind, Sample> = results
-            .bulk
-            .iter()
-            .filter(|((nn, _), _)| *nn == n)
-            .map(|((_, k), s)| (*k, s.clone()))
-            .collect();
-        let label = if n == 1 {
-            "1 tunnel".to_string()
-        } else {
-            format!("{n} tunnels")
-        };
         add(
-            format!("bulk GiB/s echoed, {label}"),
+            format!("bulk GiB/s echoed, {}", tunnels(n)),
             true,
             3,
-            each(&at, &|s| Some(s.gib_per_sec())),
+            each(&at_owned(&results.bulk, n), &|s| Some(s.gib_per_sec())),
         );
     }
     let c = results.plan.http_concurrency;
@@ -131,6 +120,71 @@ fn rows(results: &Results) -> Vec<Row> {
         0,
         each(&results.flood_denied, &|s| Some(s.ops_per_sec())),
     );
+    for &n in &results.plan.https_streams {
+        add(
+            format!("HTTPS download GiB/s, {}", streams(n)),
+            true,
+            3,
+            each(&at_owned(&results.https, n), &|s| Some(s.gib_per_sec())),
+        );
+    }
+    let c = results.plan.api_concurrency;
+    add(
+        format!("HTTPS API req/s, {c} keep-alive tunnels"),
+        true,
+        0,
+        each(&results.api, &|s| Some(s.ops_per_sec())),
+    );
+    add(
+        format!("HTTPS API p50 µs, {c} keep-alive tunnels"),
+        false,
+        0,
+        each(&results.api, &|s| s.quantile_us(0.5)),
+    );
+    add(
+        format!("HTTPS API p99 µs, {c} keep-alive tunnels"),
+        false,
+        0,
+        each(&results.api, &|s| s.quantile_us(0.99)),
+    );
+    let every = results.plan.event_interval.as_millis();
+    add(
+        format!(
+            "event stream: first event p50 µs (from connect), {}",
+            streams(results.plan.event_streams)
+        ),
+        false,
+        0,
+        each(&results.event_connections, &|s| s.quantile_us(0.5)),
+    );
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        add(
+            format!("event stream: delay per event {name} µs, one every {every} ms"),
+            false,
+            0,
+            each(&results.events, &|s| s.quantile_us(q)),
+        );
+    }
+    for &n in &results.plan.duplex_tunnels {
+        add(
+            format!(
+                "full-duplex GiB/s echoed, {}, 8 KiB upstream buffer",
+                tunnels(n)
+            ),
+            true,
+            3,
+            each(&at_owned(&results.duplex, n), &|s| Some(s.gib_per_sec())),
+        );
+    }
+    add(
+        format!(
+            "plain HTTP download GiB/s, {}",
+            streams(results.plan.http_download_streams)
+        ),
+        true,
+        3,
+        each(&results.http_download, &|s| Some(s.gib_per_sec())),
+    );
     let idle: BTreeMap<PeerKind, f64> = results
         .idle
         .iter()
@@ -146,6 +200,31 @@ fn rows(results: &Results) -> Vec<Row> {
         idle,
     );
     rows
+}
+
+fn tunnels(n: usize) -> String {
+    match n {
+        1 => "1 tunnel".into(),
+        n => format!("{n} tunnels"),
+    }
+}
+
+fn streams(n: usize) -> String {
+    match n {
+        1 => "1 stream".into(),
+        n => format!("{n} streams"),
+    }
+}
+
+/// Each peer's sample at scenario parameter `param`, as a map of its own.
+fn at_owned(
+    samples: &BTreeMap<(usize, PeerKind), Sample>,
+    param: usize,
+) -> BTreeMap<PeerKind, Sample> {
+    at(samples, param)
+        .into_iter()
+        .map(|(k, s)| (k, s.clone()))
+        .collect()
 }
 
 fn fmt(value: Option<f64>, decimals: usize) -> String {
@@ -453,6 +532,66 @@ fn render_cpu(out: &mut String, results: &Results, peers: &[PeerKind]) {
             2,
         );
     }
+    for &n in &results.plan.https_streams {
+        group(
+            [
+                format!("proxy CPU s per GiB, HTTPS download, {}", streams(n)),
+                format!(
+                    "load generator + nginx CPU s per GiB, HTTPS download, {}",
+                    streams(n)
+                ),
+                format!("machine busy, HTTPS download, {}", streams(n)),
+            ],
+            at(&results.https, n),
+            Sample::cpu_secs_per_gib,
+            2,
+        );
+    }
+    group(
+        [
+            "proxy CPU µs per HTTPS API request".into(),
+            "load generator + nginx CPU µs per HTTPS API request".into(),
+            "machine busy, HTTPS API requests".into(),
+        ],
+        results.api.iter().map(|(k, s)| (*k, s)).collect(),
+        Sample::cpu_us_per_op,
+        0,
+    );
+    group(
+        [
+            "proxy CPU µs per event".into(),
+            "load generator + event server CPU µs per event".into(),
+            "machine busy, event streams".into(),
+        ],
+        results.events.iter().map(|(k, s)| (*k, s)).collect(),
+        Sample::cpu_us_per_op,
+        1,
+    );
+    for &n in &results.plan.duplex_tunnels {
+        group(
+            [
+                format!("proxy CPU s per GiB echoed, full-duplex, {}", tunnels(n)),
+                format!(
+                    "load generator + echo CPU s per GiB, full-duplex, {}",
+                    tunnels(n)
+                ),
+                format!("machine busy, full-duplex, {}", tunnels(n)),
+            ],
+            at(&results.duplex, n),
+            Sample::cpu_secs_per_gib,
+            2,
+        );
+    }
+    group(
+        [
+            "proxy CPU s per GiB, plain HTTP download".into(),
+            "load generator + nginx CPU s per GiB, plain HTTP download".into(),
+            "machine busy, plain HTTP download".into(),
+        ],
+        results.http_download.iter().map(|(k, s)| (*k, s)).collect(),
+        Sample::cpu_secs_per_gib,
+        2,
+    );
     group(
         [
             "proxy CPU µs per refusal".into(),
@@ -513,12 +652,21 @@ fn errors(results: &Results) -> Vec<String> {
     for ((n, k), s) in &results.bulk {
         note(format!("{} bulk x{n}", k.name()), s);
     }
+    for ((n, k), s) in &results.https {
+        note(format!("{} HTTPS download x{n}", k.name()), s);
+    }
+    for ((n, k), s) in &results.duplex {
+        note(format!("{} full-duplex x{n}", k.name()), s);
+    }
     for (label, map) in [
         ("http", &results.http),
         ("denials", &results.deny),
         ("flood baseline", &results.flood_baseline),
         ("flood allowed", &results.flood_allowed),
         ("flood denied", &results.flood_denied),
+        ("HTTPS API", &results.api),
+        ("event stream", &results.event_connections),
+        ("plain HTTP download", &results.http_download),
     ] {
         for (k, s) in map {
             note(format!("{} {label}", k.name()), s);
@@ -553,7 +701,6 @@ pub fn write_results(path: &Path, report: &str) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use super::{render, targets};
@@ -577,26 +724,16 @@ mod tests {
     /// (tunnels/s at c=16, p50 µs at c=1, bulk bytes/s, HTTP req/s, KiB per idle tunnel,
     /// tunnels/s under the flood); direct is fixed.
     fn results(paude: [f64; 6], squid: [f64; 6]) -> Results {
-        let mut r = Results {
-            plan: Plan::smoke(),
-            machine: Machine {
-                cpus: 2,
-                kernel: "test".into(),
-                nofile_limit: 1024,
-            },
-            versions: [Direct, Paude, Squid]
-                .into_iter()
-                .map(|k| (k, "test".into()))
-                .collect(),
-            tunnel: BTreeMap::new(),
-            bulk: BTreeMap::new(),
-            http: BTreeMap::new(),
-            deny: BTreeMap::new(),
-            flood_baseline: BTreeMap::new(),
-            flood_allowed: BTreeMap::new(),
-            flood_denied: BTreeMap::new(),
-            idle: BTreeMap::new(),
+        let machine = Machine {
+            cpus: 2,
+            kernel: "test".into(),
+            nofile_limit: 1024,
         };
+        let versions = [Direct, Paude, Squid]
+            .into_iter()
+            .map(|k| (k, "test".into()))
+            .collect();
+        let mut r = Results::new(Plan::smoke(), machine, versions);
         let direct = [10_000.0, 100.0, 1e9, 50_000.0, 0.0, 0.0];
         for (kind, v) in [(Direct, direct), (Paude, paude), (Squid, squid)] {
             r.tunnel.insert((16, kind), sample(v[0] as u64, 0, 1));

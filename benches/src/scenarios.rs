@@ -8,12 +8,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use anyhow::{ensure, Context};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
-use crate::client::{denied_connect, open_tunnel, HttpClient, Route};
+use crate::client::{
+    denied_connect, is_early_close, open_raw_tunnel, open_tunnel, read_head, HttpClient, Route,
+    HOST,
+};
 use crate::procfs::CpuUse;
+use crate::servers::{clock_ns, EVENTS_PATH};
+use crate::tls::BenchTls;
 
 /// The longest one operation may take before it counts as an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -186,6 +192,15 @@ async fn join_all(mut set: JoinSet<Sample>, started: Instant) -> Sample {
     total
 }
 
+/// Like [`join_all`], counting also the failures of the setup (connections opened before the
+/// clock started).
+async fn join_after_setup(set: JoinSet<Sample>, started: Instant, setup: Sample) -> Sample {
+    let mut total = join_all(set, started).await;
+    total.errors += setup.errors;
+    total.first_error = total.first_error.or(setup.first_error);
+    total
+}
+
 /// Tunnels per second: each worker opens a tunnel, does one echo round trip, closes it, repeats.
 /// Latency is from the start of the TCP connect to the echoed ClientHello.
 pub async fn tunnel_rate(
@@ -225,13 +240,15 @@ where
     join_all(set, started).await
 }
 
-/// Bulk throughput: `tunnels` tunnels each stream data to the echo server and count what comes
-/// back, for `duration` after all of them are open.
+/// Bulk throughput: `tunnels` tunnels each stream data in writes of `block` bytes to the echo
+/// server while reading what comes back, for `duration` after all of them are open; the bytes
+/// echoed count. The full-duplex scenario is the same against the small-buffer echo server.
 pub async fn bulk(
     route: Route,
     echo: SocketAddr,
     hello: Arc<[u8]>,
     tunnels: usize,
+    block: usize,
     duration: Duration,
 ) -> Sample {
     let mut streams = Vec::new();
@@ -249,7 +266,7 @@ pub async fn bulk(
             let mut sample = Sample::default();
             let (mut reader, mut writer) = stream.into_split();
             let send = tokio::spawn(async move {
-                let block = vec![0x5a_u8; 128 * 1024];
+                let block = vec![0x5a_u8; block];
                 while tokio::time::timeout_at(deadline, writer.write_all(&block))
                     .await
                     .is_ok_and(|r| r.is_ok())
@@ -274,10 +291,384 @@ pub async fn bulk(
             sample
         });
     }
-    let mut total = join_all(set, started).await;
-    total.errors += setup.errors;
-    total.first_error = total.first_error.or(setup.first_error);
-    total
+    join_after_setup(set, started, setup).await
+}
+
+/// HTTPS download: `streams` TLS connections to nginx (through the path's tunnel) each GET the
+/// large file over and over on one keep-alive connection for `duration` after all are open;
+/// the body bytes received count.
+pub async fn https_download(
+    route: Route,
+    nginx: SocketAddr,
+    tls: Arc<BenchTls>,
+    streams: usize,
+    duration: Duration,
+) -> Sample {
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {HOST}\r\n\r\n",
+        crate::nginx::FILE_PATH
+    );
+    let open = move || {
+        let tls = tls.clone();
+        async move { tls.connect(route, nginx).await }
+    };
+    downloads(open, request, streams, duration).await
+}
+
+/// Plain-HTTP download through the path's forward proxy (absolute-form requests) or straight
+/// from nginx: like [`https_download`] without TLS.
+pub async fn http_download(
+    route: Route,
+    nginx: SocketAddr,
+    streams: usize,
+    duration: Duration,
+) -> Sample {
+    let port = nginx.port();
+    let path = crate::nginx::FILE_PATH;
+    let (target, request) = match route {
+        Route::Direct => (
+            nginx,
+            format!("GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"),
+        ),
+        Route::Proxy(proxy) => (
+            proxy,
+            format!("GET http://{HOST}:{port}{path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"),
+        ),
+    };
+    // A forward proxy is spoken to directly: no tunnel, the connection is the request's.
+    let open = move || open_raw_tunnel(Route::Direct, target);
+    downloads(open, request, streams, duration).await
+}
+
+/// Opens `streams` connections with `open` (before the clock starts), then runs one download
+/// loop on each until `duration` has passed and adds up what they read. A connection the server
+/// or proxy closes after a response is replaced by a new one, within the measured time.
+async fn downloads<F, Fut, S>(
+    open: F,
+    request: String,
+    streams: usize,
+    duration: Duration,
+) -> Sample
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<S>> + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut setup = Sample::default();
+    let mut first = Vec::new();
+    for _ in 0..streams {
+        if let Some(stream) = run_op(&mut setup, open()).await {
+            first.push(stream);
+        }
+    }
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + duration);
+    let request: Arc<[u8]> = request.into_bytes().into();
+    let mut set = JoinSet::new();
+    for stream in first {
+        let (request, open) = (request.clone(), open.clone());
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            let mut stream = Some(stream);
+            while tokio::time::Instant::now() < deadline {
+                let current = match stream.take() {
+                    Some(s) => s,
+                    None => match tokio::time::timeout_at(deadline, open()).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(error)) => {
+                            sample.record_error(error);
+                            break;
+                        }
+                        Err(_) => break,
+                    },
+                };
+                match download(current, &request, deadline, &mut sample).await {
+                    Ok(kept) => stream = kept,
+                    Err(error) => {
+                        sample.record_error(error);
+                        break;
+                    }
+                }
+            }
+            sample.ops = 1;
+            sample
+        });
+    }
+    join_after_setup(set, started, setup).await
+}
+
+/// GETs the file again and again on `stream`, counting body bytes, until `deadline` (then
+/// returns the stream) or until a response says the connection closes after it (then returns
+/// none, for the caller to open a new one).
+async fn download<S>(
+    mut stream: S,
+    request: &[u8],
+    deadline: tokio::time::Instant,
+    sample: &mut Sample,
+) -> anyhow::Result<Option<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    for served in 0u64.. {
+        let head = match tokio::time::timeout_at(deadline, async {
+            stream.write_all(request).await?;
+            stream.flush().await?;
+            read_head(&mut stream, &mut buf).await
+        })
+        .await
+        {
+            // A reused connection the other side closed without saying so: open a new one,
+            // as HTTP clients do.
+            Ok(Err(error)) if served > 0 && buf.is_empty() && is_early_close(&error) => {
+                return Ok(None)
+            }
+            Ok(head) => head?,
+            Err(_) => return Ok(Some(stream)),
+        };
+        ensure!(
+            head.status == 200,
+            "GET answered with status {}",
+            head.status
+        );
+        let mut left = head
+            .content_length
+            .context("response has no Content-Length")?;
+        let early = buf.len().min(left);
+        buf.drain(..early);
+        left -= early;
+        sample.bytes += early as u64;
+        while left > 0 {
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                Ok(n) => n?,
+                Err(_) => return Ok(Some(stream)),
+            };
+            ensure!(n > 0, "connection closed in the middle of the download");
+            let n = n.min(left);
+            left -= n;
+            sample.bytes += n as u64;
+        }
+        if head.close {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+/// The request an agent's API call sends: a small JSON body.
+fn api_request() -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"bench","max_tokens":1024,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "b".repeat(900)
+    );
+    format!(
+        "POST {} HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        crate::nginx::API_PATH,
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Small HTTPS requests over long-lived keep-alive tunnels, as an agent's API traffic:
+/// `concurrency` TLS connections to nginx (opened before the clock starts) each POST a 1 KiB
+/// JSON body and read a 2 KiB answer, back to back. Latency is per request.
+pub async fn api(
+    route: Route,
+    nginx: SocketAddr,
+    tls: Arc<BenchTls>,
+    concurrency: usize,
+    duration: Duration,
+) -> Sample {
+    let request: Arc<[u8]> = api_request().into();
+    let mut setup = Sample::default();
+    let mut open = Vec::new();
+    for _ in 0..concurrency {
+        if let Some(stream) = run_op(&mut setup, tls.connect(route, nginx)).await {
+            open.push(stream);
+        }
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut set = JoinSet::new();
+    for mut stream in open {
+        let request = request.clone();
+        set.spawn(async move {
+            let mut sample = Sample::default();
+            let mut buf = Vec::new();
+            while Instant::now() < deadline {
+                let answered = run_op(&mut sample, async {
+                    stream.write_all(&request).await?;
+                    stream.flush().await?;
+                    read_response(&mut stream, &mut buf).await
+                })
+                .await;
+                if answered.is_none() {
+                    // The connection is in an unknown state: the rest of the round is lost.
+                    break;
+                }
+            }
+            sample
+        });
+    }
+    join_after_setup(set, started, setup).await
+}
+
+/// One API request on a new HTTPS connection: checks that a path carries TLS to nginx.
+pub async fn api_request_once(
+    route: Route,
+    nginx: SocketAddr,
+    tls: &BenchTls,
+) -> anyhow::Result<()> {
+    let mut stream = tls.connect(route, nginx).await?;
+    stream.write_all(&api_request()).await?;
+    stream.flush().await?;
+    let length = read_response(&mut stream, &mut Vec::new()).await?;
+    ensure!(
+        length == crate::nginx::API_BODY_LEN,
+        "the API answer has {length} bytes, not {}",
+        crate::nginx::API_BODY_LEN
+    );
+    Ok(())
+}
+
+/// Reads one whole response (head and Content-Length body); returns the body's length.
+async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<usize> {
+    let head = read_head(stream, buf).await?;
+    ensure!(
+        head.status == 200,
+        "request answered with status {}",
+        head.status
+    );
+    let length = head
+        .content_length
+        .context("response has no Content-Length")?;
+    let mut chunk = [0u8; 16 * 1024];
+    while buf.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        ensure!(n > 0, "connection closed in the middle of a response body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    buf.drain(..length);
+    Ok(length)
+}
+
+/// An event stream, as a model API streams its answer: `streams` workers each open an HTTPS
+/// connection to the event-stream server, read `events` events (one every few milliseconds),
+/// close and start over, until `duration` is over. Returns the connections' sample, whose
+/// latency is the time to the first event (from the TCP connect, through the tunnel and the
+/// TLS handshake), and the events' sample, whose latency is each event's delivery delay (from
+/// the server's write to the client's read).
+pub async fn event_stream(
+    route: Route,
+    server: SocketAddr,
+    tls: Arc<BenchTls>,
+    streams: usize,
+    events: usize,
+    duration: Duration,
+) -> (Sample, Sample) {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::from_std(started + duration);
+    let mut set = JoinSet::new();
+    for _ in 0..streams {
+        let tls = tls.clone();
+        set.spawn(async move {
+            let mut connections = Sample::default();
+            let mut delivered = Sample::default();
+            while tokio::time::Instant::now() < deadline {
+                let one = read_events(route, server, &tls, events, deadline, &mut delivered);
+                match timeout(OP_TIMEOUT, one).await {
+                    Ok(Ok(Some(first))) => {
+                        connections.ops += 1;
+                        connections
+                            .latencies_us
+                            .push(first.as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    // The round ended before this connection's first event: not a failure.
+                    Ok(Ok(None)) => {}
+                    Ok(Err(error)) => connections.record_error(error),
+                    Err(_) => connections.record_error(anyhow::anyhow!(
+                        "an event stream stalled for {OP_TIMEOUT:?}"
+                    )),
+                }
+            }
+            (connections, delivered)
+        });
+    }
+    let (mut connections, mut delivered) = (Sample::default(), Sample::default());
+    while let Some(result) = set.join_next().await {
+        match result {
+            Ok((c, d)) => {
+                connections.merge(c);
+                delivered.merge(d);
+            }
+            Err(error) => connections.record_error(anyhow::anyhow!("worker failed: {error}")),
+        }
+    }
+    connections.elapsed = started.elapsed();
+    delivered.elapsed = connections.elapsed;
+    (connections, delivered)
+}
+
+/// One event-stream connection: returns the time from its start to its first event once
+/// `events` events arrived or `deadline` passed (none if no event came before it), having
+/// recorded each event's delay in `delivered`.
+async fn read_events(
+    route: Route,
+    server: SocketAddr,
+    tls: &BenchTls,
+    events: usize,
+    deadline: tokio::time::Instant,
+    delivered: &mut Sample,
+) -> anyhow::Result<Option<Duration>> {
+    let start = Instant::now();
+    let mut stream = tls.connect(route, server).await?;
+    let request =
+        format!("GET {EVENTS_PATH} HTTP/1.1\r\nHost: {HOST}\r\nAccept: text/event-stream\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
+    let mut buf = Vec::new();
+    let head = read_head(&mut stream, &mut buf).await?;
+    ensure!(
+        head.status == 200,
+        "event stream answered with status {}",
+        head.status
+    );
+    let mut first = None;
+    let mut seen = 0;
+    let mut chunk = [0u8; 16 * 1024];
+    while seen < events {
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let now = clock_ns();
+            let event = std::str::from_utf8(&buf[..end]).context("event is not UTF-8")?;
+            let sent: u64 = event
+                .split("\"sent_ns\":")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|digits| digits.parse().ok())
+                .context("event carries no send time")?;
+            delivered.ops += 1;
+            delivered
+                .latencies_us
+                .push((now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32);
+            first.get_or_insert_with(|| start.elapsed());
+            buf.drain(..end + 2);
+            seen += 1;
+        }
+        if seen >= events {
+            break;
+        }
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(n) => n?,
+            Err(_) => break,
+        };
+        ensure!(n > 0, "event stream closed by the server");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(first)
 }
 
 /// Plain HTTP forwarding: `concurrency` keep-alive connections each send GETs back to back.

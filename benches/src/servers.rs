@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 
 use anyhow::Context;
-use paude_proxy::splice::relay;
+use paude_proxy::relay::relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -25,10 +25,11 @@ impl Drop for Server {
     }
 }
 
-/// Starts the echo/sink server: every byte a connection sends comes back on it.
-pub async fn start_echo() -> anyhow::Result<Server> {
-    serve(|stream| async move {
-        let _ = echo(stream).await;
+/// Starts the echo/sink server: every byte a connection sends comes back on it, copied through
+/// a buffer of `buffer` bytes (one read, one write, repeat).
+pub async fn start_echo(buffer: usize) -> anyhow::Result<Server> {
+    serve(move |stream| async move {
+        let _ = echo(stream, buffer).await;
     })
     .await
 }
@@ -68,8 +69,13 @@ where
     Ok(Server { addr, task })
 }
 
-async fn echo(mut stream: TcpStream) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+/// The echo server's copy buffer in the tunnel and bulk scenarios.
+pub const ECHO_BUFFER: usize = 64 * 1024;
+/// The small-buffer echo server's: an upstream that reads and writes 8 KiB at a time.
+pub const SMALL_ECHO_BUFFER: usize = 8 * 1024;
+
+async fn echo(mut stream: TcpStream, buffer: usize) -> std::io::Result<()> {
+    let mut buf = vec![0u8; buffer];
     loop {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
@@ -77,6 +83,70 @@ async fn echo(mut stream: TcpStream) -> std::io::Result<()> {
         }
         stream.write_all(&buf[..n]).await?;
     }
+}
+
+/// Nanoseconds on the clock event stamps are taken on. The event-stream server runs inside the
+/// load generator, so sender and receiver read the same clock and a stamp's age is the event's
+/// delivery delay.
+pub fn clock_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
+/// The path the event-stream server answers on.
+pub const EVENTS_PATH: &str = "/v1/stream";
+
+/// Starts the event-stream server: HTTPS (certificate for `bench.test`), one `text/event-stream`
+/// response per connection with a small event every `interval`, as a model API streams tokens.
+/// Each event carries the time it was written ([`clock_ns`]); the stream ends when the client
+/// closes.
+pub async fn start_event_stream(
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    interval: std::time::Duration,
+) -> anyhow::Result<Server> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve(move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let _ = event_stream(acceptor, stream, interval).await;
+        }
+    })
+    .await
+}
+
+async fn event_stream(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    interval: std::time::Duration,
+) -> anyhow::Result<()> {
+    let mut tls = acceptor.accept(stream).await?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tls.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "client closed before its request head ended");
+        head.extend_from_slice(&chunk[..n]);
+    }
+    tls.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    tls.flush().await?;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for seq in 0u64.. {
+        ticker.tick().await;
+        let event = format!(
+            "id: {seq}\nevent: content_block_delta\ndata: {{\"type\":\"text_delta\",\"sent_ns\":{},\"text\":\" a few tokens\"}}\n\n",
+            clock_ns()
+        );
+        tls.write_all(event.as_bytes()).await?;
+        tls.flush().await?;
+    }
+    Ok(())
 }
 
 const BODY: &[u8] = b"hello, bench\n";
@@ -150,12 +220,13 @@ impl HelperProcess {
 /// Starts `helper <subcommand>` and waits for the `<banner><address>` line it prints.
 pub async fn spawn_helper(
     helper: &std::path::Path,
-    subcommand: &str,
+    args: &[&str],
     banner: &str,
 ) -> anyhow::Result<HelperProcess> {
     use tokio::io::AsyncBufReadExt;
+    let subcommand = args.first().copied().unwrap_or_default();
     let mut child = tokio::process::Command::new(helper)
-        .arg(subcommand)
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -177,9 +248,17 @@ pub async fn spawn_helper(
     Ok(HelperProcess { addr, child })
 }
 
-/// Starts the echo server in a process of its own.
-pub async fn spawn_echo_process(helper: &std::path::Path) -> anyhow::Result<HelperProcess> {
-    spawn_helper(helper, "echo-server", ECHO_BANNER).await
+/// Starts the echo server in a process of its own, copying through `buffer` bytes.
+pub async fn spawn_echo_process(
+    helper: &std::path::Path,
+    buffer: usize,
+) -> anyhow::Result<HelperProcess> {
+    spawn_helper(
+        helper,
+        &["echo-server", "--buffer", &buffer.to_string()],
+        ECHO_BANNER,
+    )
+    .await
 }
 
 const ECHO_BANNER: &str = "paude-benches echo listening on ";
@@ -187,8 +266,8 @@ pub const RELAY_BANNER: &str = "paude-benches bare relay listening on ";
 
 /// The body of `paude-benches echo-server`: serve until standard input closes (the parent died
 /// or dropped its handle), so the server never outlives the run.
-pub async fn serve_echo_until_stdin_closes() -> anyhow::Result<()> {
-    let server = start_echo().await?;
+pub async fn serve_echo_until_stdin_closes(buffer: usize) -> anyhow::Result<()> {
+    let server = start_echo(buffer).await?;
     announce(ECHO_BANNER, server.addr)?;
     wait_for_stdin_to_close().await
 }
@@ -210,7 +289,7 @@ async fn wait_for_stdin_to_close() -> anyhow::Result<()> {
 /// The body of `paude-benches bare-relay`: the least work a CONNECT proxy can do, as a floor
 /// to measure paude-proxy against. It reads the CONNECT head, refuses any host but the
 /// benchmark's with a bare `403`, dials 127.0.0.1 at the requested port, answers `200` and
-/// relays bytes both ways with splice(2); no policy, no name resolution, no address or
+/// relays bytes both ways with paude-proxy's relay loop; no policy, no name resolution, no address or
 /// SNI checks, no logs, no limits. It is built like paude-proxy (one current-thread runtime per
 /// CPU, each with its own `SO_REUSEPORT` listener), so the gap between the two is what
 /// paude-proxy's guards cost, and the gap between it and the direct path is what any proxy hop
@@ -265,19 +344,37 @@ async fn bare_relay(mut client: TcpStream) -> anyhow::Result<()> {
     let mut chunk = [0u8; 4096];
     let end = loop {
         let n = client.read(&mut chunk).await?;
-        anyhow::ensure!(n > 0, "client closed before its CONNECT head ended");
+        anyhow::ensure!(n > 0, "client closed before its request head ended");
         head.extend_from_slice(&chunk[..n]);
         if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
-        anyhow::ensure!(head.len() < 64 * 1024, "CONNECT head too large");
+        anyhow::ensure!(head.len() < 64 * 1024, "request head too large");
     };
-    let (host, port) = std::str::from_utf8(&head[..end])?
-        .split_whitespace()
-        .nth(1)
-        .and_then(|authority| authority.rsplit_once(':'))
+    let text = std::str::from_utf8(&head[..end])?;
+    let mut words = text.split_whitespace();
+    let method = words.next().unwrap_or_default();
+    let target = words.next().unwrap_or_default();
+    // A CONNECT names host:port; a plain request names http://host:port/path, whose first
+    // request line is rewritten to origin form (the least a forward proxy must do), after which
+    // the connection is relayed as it is: every connection of the benchmark talks to one origin.
+    let (authority, rewritten) = match (method, target.strip_prefix("http://")) {
+        ("CONNECT", _) => (target, None),
+        (_, Some(rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let path = if path.is_empty() { "/" } else { path };
+            let line_end = text.find("\r\n").context("request head has no line end")?;
+            let version = text[..line_end].rsplit(' ').next().unwrap_or("HTTP/1.1");
+            let mut out = format!("{method} {path} {version}").into_bytes();
+            out.extend_from_slice(&head[line_end..]);
+            (authority, Some(out))
+        }
+        _ => anyhow::bail!("neither a CONNECT nor an absolute-form request"),
+    };
+    let (host, port) = authority
+        .rsplit_once(':')
         .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-        .context("not a CONNECT head with a port")?;
+        .context("the request names no host with a port")?;
     // The cheapest refusal there is: one comparison, one short answer, close.
     if host != crate::client::HOST {
         client
@@ -287,13 +384,18 @@ async fn bare_relay(mut client: TcpStream) -> anyhow::Result<()> {
     }
     let mut upstream = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     upstream.set_nodelay(true)?;
-    client
-        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        .await?;
-    if head.len() > end {
-        upstream.write_all(&head[end..]).await?;
+    match rewritten {
+        Some(request) => upstream.write_all(&request).await?,
+        None => {
+            client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await?;
+            if head.len() > end {
+                upstream.write_all(&head[end..]).await?;
+            }
+        }
     }
-    // paude-proxy's splice(2) loop: the cheapest way to move the bytes that is known here.
+    // paude-proxy's own relay loop, so the floor moves bytes exactly as the product does.
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (to_upstream, to_client) = tokio::join!(
         relay(&client, &upstream, &up),

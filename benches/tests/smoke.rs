@@ -1,8 +1,9 @@
 //! The benchmark's smoke mode, run as a test: every scenario on every path for a moment.
 //!
 //! It starts the real `paude-benches` binary, which starts the real peers (paude-proxy from this
-//! workspace, squid, tinyproxy) and the upstream servers on 127.0.0.1, and checks the harness
-//! produced sane, non-zero results for each. It never asserts on speed.
+//! workspace, squid, tinyproxy) and the upstream servers (the echo servers, nginx, the event
+//! stream) on 127.0.0.1, and checks the harness produced sane, non-zero results for each. It
+//! never asserts on speed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -52,7 +53,8 @@ async fn smoke_mode_measures_every_scenario_on_every_path() {
         "smoke run failed:\n{stderr}\n{stdout}"
     );
 
-    // The report has one column per path and a number in every cell of the tunnel-rate row.
+    // The report has one column per path and a number in every cell of the rows every path
+    // takes part in: the tunnel rate and each scenario of the traffic agents make.
     let header = stdout
         .lines()
         .find(|l| l.starts_with("| metric | direct |"))
@@ -60,34 +62,54 @@ async fn smoke_mode_measures_every_scenario_on_every_path() {
     for peer in PEERS.split(',') {
         assert!(header.contains(peer), "no column for {peer}: {header}");
     }
-    let row = stdout
-        .lines()
-        .find(|l| l.starts_with("| tunnels/s, concurrency 1 |"))
-        .expect("tunnel rate row");
-    let cells: Vec<f64> = row
-        .split('|')
-        .skip(2)
-        .filter(|c| !c.trim().is_empty())
-        .map(|c| {
-            c.trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("non-numeric cell in {row}"))
-        })
-        .collect();
-    assert_eq!(cells.len(), PEERS.split(',').count(), "{row}");
-    assert!(cells.iter().all(|v| *v > 0.0), "{row}");
+    for metric in [
+        "tunnels/s, concurrency 1 |",
+        "HTTPS download GiB/s, 1 stream |",
+        "HTTPS download GiB/s, 2 streams |",
+        "HTTPS API req/s, 2 keep-alive tunnels |",
+        "event stream: first event p50 µs (from connect), 2 streams |",
+        "event stream: delay per event p50 µs, one every 2 ms |",
+        "full-duplex GiB/s echoed, 1 tunnel, 8 KiB upstream buffer |",
+        "plain HTTP download GiB/s, 1 stream |",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {metric}")))
+            .unwrap_or_else(|| panic!("no row {metric:?} in:\n{stdout}"));
+        let cells: Vec<f64> = row
+            .split('|')
+            .skip(2)
+            .filter(|c| !c.trim().is_empty())
+            .map(|c| {
+                c.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("non-numeric cell in {row}"))
+            })
+            .collect();
+        assert_eq!(cells.len(), PEERS.split(',').count(), "{row}");
+        assert!(cells.iter().all(|v| *v > 0.0), "{row}");
+    }
 
     // CPU time was metered on every path: the machine was busy during each measurement.
-    let busy = stdout
-        .lines()
-        .find(|l| l.starts_with("| machine busy, concurrency 16 |"))
-        .expect("machine busy row in the CPU table");
-    let cells: Vec<&str> = busy.split('|').skip(2).map(str::trim).collect();
-    assert!(
-        cells
-            .iter()
-            .take(PEERS.split(',').count())
-            .all(|c| c.ends_with('%')),
-        "{busy}"
-    );
+    for metric in [
+        "machine busy, concurrency 16 |",
+        "machine busy, HTTPS download, 1 stream |",
+        "machine busy, HTTPS API requests |",
+        "machine busy, event streams |",
+        "machine busy, full-duplex, 1 tunnel |",
+        "machine busy, plain HTTP download |",
+    ] {
+        let busy = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {metric}")))
+            .unwrap_or_else(|| panic!("no row {metric:?} in the CPU table:\n{stdout}"));
+        let cells: Vec<&str> = busy.split('|').skip(2).map(str::trim).collect();
+        assert!(
+            cells
+                .iter()
+                .take(PEERS.split(',').count())
+                .all(|c| c.ends_with('%')),
+            "{busy}"
+        );
+    }
 }

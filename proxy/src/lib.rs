@@ -9,8 +9,8 @@
 //! - [`head`]: the first request head on the bare socket; a CONNECT is served right there.
 //! - [`handler`]: one request: parse the target ([`host`]), ask the [`policy`], then
 //!   [`tunnel`] for CONNECT or [`forward`] for absolute-form HTTP.
-//! - [`tunnel`]: the SNI guard ([`tls`]) on the first bytes, then a zero-copy relay both ways
-//!   (`splice`, on Linux).
+//! - [`tunnel`]: the SNI guard ([`tls`]) on the first bytes, then the relay both ways
+//!   ([`relay`], on Linux: pooled buffers borrowed while bytes flow).
 //! - [`forward`]: the pooled HTTP/1 client, hop-by-hop header stripping.
 //! - [`connect`]: the only outbound socket: resolve once ([`dns`]), check every address, dial
 //!   the checked address.
@@ -35,10 +35,10 @@ pub mod head;
 pub mod host;
 pub mod ifaddrs;
 pub mod policy;
+#[cfg(target_os = "linux")]
+pub mod relay;
 pub mod reload;
 pub mod server;
-#[cfg(target_os = "linux")]
-pub mod splice;
 pub mod tls;
 pub mod tunnel;
 

@@ -23,7 +23,7 @@ use crate::policy::{Decision, FirstBytesRules};
 use crate::server::State;
 use crate::tls::{read_client_hello, FirstBytes, HelloNames};
 
-/// Copy buffer per direction, where splice(2) is not available.
+/// Copy buffer per direction of the portable relay (Linux uses `relay::relay`).
 #[cfg(not(target_os = "linux"))]
 const BUF_SIZE: usize = 32 * 1024;
 
@@ -178,7 +178,7 @@ fn finish(state: &State, record: &Record) {
     state.finish(record);
 }
 
-/// Relays both ways with splice(2) until both sides have closed, either side fails, nothing
+/// Relays both ways (`relay::relay`, one pooled buffer per flowing direction) until both sides have closed, either side fails, nothing
 /// moved for `idle`, or `stop` fires. Returns the bytes sent up (client to upstream) and down.
 #[cfg(target_os = "linux")]
 async fn pump(
@@ -189,7 +189,7 @@ async fn pump(
 ) -> (u64, u64) {
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use crate::splice::relay;
+    use crate::relay::relay;
 
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let to_upstream = relay(client, upstream, &up);

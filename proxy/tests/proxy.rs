@@ -1261,6 +1261,75 @@ async fn idle_tunnels_hold_only_their_two_sockets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_tunnels_hold_only_their_two_sockets() {
+    let echo = echo_upstream().await;
+    let target = format!("echo.test:{}", echo.port());
+    let proxy = start(
+        &[
+            "--allow",
+            &target,
+            "--allow-opaque",
+            "--worker-threads",
+            "1",
+        ],
+        &loopback_pin("echo.test"),
+    );
+    let before = proxy.fds_by_kind();
+    // Eight tunnels that stream both ways for as long as the test looks at the proxy: the
+    // descriptors a tunnel costs must not grow while its bytes move.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect(proxy.addr).await;
+        send(&mut s, &connect_head(&target, "ping")).await;
+        let (mut reader, mut writer) = s.into_split();
+        let stop_writing = stop.clone();
+        let write = tokio::spawn(async move {
+            let block = vec![0x42u8; 64 * 1024];
+            while !stop_writing.load(std::sync::atomic::Ordering::Relaxed) {
+                if tokio::time::timeout(T, writer.write_all(&block))
+                    .await
+                    .is_err()
+                {
+                    panic!("a busy tunnel stopped taking bytes");
+                }
+            }
+            writer
+        });
+        let read = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                match tokio::time::timeout(T, reader.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return total,
+                    Ok(Ok(n)) => total += n as u64,
+                }
+            }
+        });
+        streams.push((write, read));
+    }
+    let mut busiest = before;
+    for _ in 0..50 {
+        let now = proxy.fds_by_kind();
+        if now.pipes + now.other + now.sockets > busiest.pipes + busiest.other + busiest.sockets {
+            busiest = now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (write, read) in streams {
+        let writer = tokio::time::timeout(T, write).await.unwrap().unwrap();
+        drop(writer);
+        let echoed = tokio::time::timeout(T * 2, read).await.unwrap().unwrap();
+        assert!(echoed > 0, "a busy tunnel echoed nothing");
+    }
+    assert!(
+        busiest.sockets - before.sockets <= 16 && busiest.pipes == before.pipes && busiest.other == before.other,
+        "8 busy tunnels must hold their 16 sockets and nothing else: before {before:?}, busiest {busiest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_map_style_symlink_swap_of_the_config_file_reloads_the_policy() {
     let web = http_upstream().await;
     let port = web.port();

@@ -48,6 +48,7 @@ pub enum Reason {
     ConnectTimeout,
     ConnectFailed,
     UpstreamError,
+    ResponseTimeout,
     BadRequest,
     UnsupportedScheme,
     HeaderTooLarge,
@@ -56,7 +57,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for metrics that list them all from the start.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 29] = [
         Reason::Allowed,
         Reason::DeniedByRule,
         Reason::NotAllowed,
@@ -81,6 +82,7 @@ impl Reason {
         Reason::ConnectTimeout,
         Reason::ConnectFailed,
         Reason::UpstreamError,
+        Reason::ResponseTimeout,
         Reason::BadRequest,
         Reason::UnsupportedScheme,
         Reason::HeaderTooLarge,
@@ -114,6 +116,7 @@ impl Reason {
             Reason::ConnectTimeout => "connect_timeout",
             Reason::ConnectFailed => "connect_failed",
             Reason::UpstreamError => "upstream_error",
+            Reason::ResponseTimeout => "response_timeout",
             Reason::BadRequest => "bad_request",
             Reason::UnsupportedScheme => "unsupported_scheme",
             Reason::HeaderTooLarge => "header_too_large",
@@ -132,7 +135,8 @@ impl Reason {
             | Reason::DnsTimeout
             | Reason::ConnectTimeout
             | Reason::ConnectFailed
-            | Reason::UpstreamError => Fault::Upstream,
+            | Reason::UpstreamError
+            | Reason::ResponseTimeout => Fault::Upstream,
             _ => Fault::Policy,
         }
     }
@@ -141,7 +145,9 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Reason::Allowed => StatusCode::OK,
-            Reason::DnsTimeout | Reason::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::DnsTimeout | Reason::ConnectTimeout | Reason::ResponseTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Reason::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             _ => match self.fault() {

@@ -240,7 +240,17 @@ pub async fn forward(
         parts,
         Counted::new(body, up.clone(), state.core.limits.body_timeout),
     );
-    match thread_client(&state.core, &policy).request(request).await {
+    let idle = state.core.limits.idle_timeout;
+    let pending = thread_client(&state.core, &policy).request(request);
+    let Some(response) = until_idle(pending, &up, idle).await else {
+        let err = ProxyError::new(
+            Reason::ResponseTimeout,
+            format!("the upstream sent no response for {idle:?} while nothing else moved"),
+        )
+        .fix("a longer --idle-timeout");
+        return refuse(&state, rec, &err, method_text, &shown());
+    };
+    match response {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -262,6 +272,28 @@ pub async fn forward(
                 )
             });
             refuse(&state, rec, &err, method_text, &shown())
+        }
+    }
+}
+
+/// Awaits `pending` (a request sent upstream, its body counted in `up`) as long as it moves:
+/// `None` once a whole `idle` passed with no body byte sent and no response head, as a tunnel
+/// closes when nothing moved for `idle`. Without it, a request to an upstream that never answers
+/// would hold its connection and connection slot for good, since a client that gives up is not
+/// noticed while the proxy waits for the upstream.
+async fn until_idle<F: Future>(pending: F, up: &AtomicU64, idle: Duration) -> Option<F::Output> {
+    tokio::pin!(pending);
+    let mut seen = up.load(Ordering::Relaxed);
+    loop {
+        match tokio::time::timeout(idle, &mut pending).await {
+            Ok(out) => return Some(out),
+            Err(_) => {
+                let now = up.load(Ordering::Relaxed);
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+            }
         }
     }
 }

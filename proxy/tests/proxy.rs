@@ -2668,3 +2668,85 @@ async fn the_admin_listener_closes_connections_that_send_nothing() {
         .ok();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_request_to_an_upstream_that_never_answers_gets_504_and_frees_its_slot() {
+    // An upstream that accepts and reads, and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = silent.accept().await {
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    let web = body_reading_upstream().await;
+    let (silent_allow, web_allow) = (
+        format!("silent.test:{silent_port}"),
+        format!("web.test:{}", web.port()),
+    );
+    let mut pins = loopback_pin("silent.test");
+    pins.extend(loopback_pin("web.test"));
+    let proxy = start(
+        &[
+            "--allow",
+            &silent_allow,
+            "--allow",
+            &web_allow,
+            "--max-connections",
+            "1",
+            "--idle-timeout",
+            "1s",
+        ],
+        &pins,
+    );
+
+    // The only slot: answered 504 once nothing moved for the idle timeout.
+    let mut waiting = connect(proxy.addr).await;
+    let get = format!(
+        "GET http://silent.test:{silent_port}/ HTTP/1.1\r\nHost: silent.test\r\nConnection: close\r\n\r\n"
+    );
+    let started = std::time::Instant::now();
+    send(&mut waiting, get.as_bytes()).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(T, waiting.read_to_end(&mut out))
+        .await
+        .expect("a request to a silent upstream is answered")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    assert_eq!(
+        header(&out, "x-paude-deny"),
+        Some("response_timeout"),
+        "{out}"
+    );
+    assert!(out.contains("--idle-timeout"), "{out}");
+    closed_by_the_flag(
+        started.elapsed(),
+        Duration::from_secs(1),
+        DEFAULT_IDLE_TIMEOUT,
+    );
+
+    // A body that keeps moving (1 KiB every 300 ms, 2.4 s in all) is not cut by the 1 s idle
+    // timeout, and the slot is free for it.
+    let mut steady = connect(proxy.addr).await;
+    let head = format!(
+        "POST http://web.test:{}/steady HTTP/1.1\r\nHost: web.test\r\nContent-Length: 8192\r\nConnection: close\r\n\r\n",
+        web.port()
+    );
+    send(&mut steady, head.as_bytes()).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send(&mut steady, &[b'y'; 1024]).await;
+    }
+    let mut out = Vec::new();
+    tokio::time::timeout(T, steady.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.ends_with("got 8192 bytes"), "{out}");
+}

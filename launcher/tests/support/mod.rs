@@ -461,17 +461,27 @@ pub struct ApiService {
 }
 
 impl ApiService {
+    /// The service under the configuration [`podman`] uses: the suite's, or while a test
+    /// holds a [`netavark::State`], that private state's.
     pub async fn start(suffix: &str) -> Result<ApiService> {
-        ApiService::start_with(suffix, &containers_conf()).await
+        ApiService::start_cmd(suffix, |_| {}).await
     }
 
     /// The service under another Podman configuration than the suite's.
     pub async fn start_with(suffix: &str, containers_conf: &Path) -> Result<ApiService> {
+        ApiService::start_cmd(suffix, |cmd| {
+            cmd.env("CONTAINERS_CONF", containers_conf);
+        })
+        .await
+    }
+
+    async fn start_cmd(suffix: &str, configure: impl FnOnce(&mut Command)) -> Result<ApiService> {
         let socket = PathBuf::from(format!("/tmp/paude-e2e-{suffix}.sock"));
         let _ = std::fs::remove_file(&socket);
         let uri = format!("unix://{}", socket.display());
-        let child = podman(["system", "service", "--time=0", &uri])
-            .env("CONTAINERS_CONF", containers_conf)
+        let mut cmd = podman(["system", "service", "--time=0", &uri]);
+        configure(&mut cmd);
+        let child = cmd
             .kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -2623,23 +2623,7 @@ async fn a_trickled_request_body_cannot_hold_a_connection_slot_forever() {
 
     // A body that keeps coming (1 KiB every 300 ms) may take longer than the base time: each
     // KiB earns a second.
-    let mut steady = connect(proxy.addr).await;
-    let head = format!(
-        "POST http://web.test:{}/steady HTTP/1.1\r\nHost: web.test\r\nContent-Length: 6144\r\nConnection: close\r\n\r\n",
-        web.port()
-    );
-    send(&mut steady, head.as_bytes()).await;
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        send(&mut steady, &[b'y'; 1024]).await;
-    }
-    let mut out = Vec::new();
-    tokio::time::timeout(T, steady.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
-    assert!(out.ends_with("got 6144 bytes"), "{out}");
+    post_steadily(proxy.addr, web, 6).await;
     assert_eq!(
         header(&answer, "x-paude-deny"),
         Some("body_timeout"),
@@ -2732,13 +2716,20 @@ async fn a_plain_request_to_an_upstream_that_never_answers_gets_504_and_frees_it
 
     // A body that keeps moving (1 KiB every 300 ms, 2.4 s in all) is not cut by the 1 s idle
     // timeout, and the slot is free for it.
-    let mut steady = connect(proxy.addr).await;
+    post_steadily(proxy.addr, web, 8).await;
+}
+
+/// POSTs `kib` KiB to `web.test` at `web` through `proxy`, 1 KiB every 300 ms, and checks the
+/// body-reading upstream got all of it.
+async fn post_steadily(proxy: std::net::SocketAddr, web: std::net::SocketAddr, kib: usize) {
+    let mut steady = connect(proxy).await;
     let head = format!(
-        "POST http://web.test:{}/steady HTTP/1.1\r\nHost: web.test\r\nContent-Length: 8192\r\nConnection: close\r\n\r\n",
-        web.port()
+        "POST http://web.test:{}/steady HTTP/1.1\r\nHost: web.test\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        web.port(),
+        kib * 1024
     );
     send(&mut steady, head.as_bytes()).await;
-    for _ in 0..8 {
+    for _ in 0..kib {
         tokio::time::sleep(Duration::from_millis(300)).await;
         send(&mut steady, &[b'y'; 1024]).await;
     }
@@ -2748,5 +2739,6 @@ async fn a_plain_request_to_an_upstream_that_never_answers_gets_504_and_frees_it
         .unwrap()
         .unwrap();
     let out = String::from_utf8_lossy(&out);
-    assert!(out.ends_with("got 8192 bytes"), "{out}");
+    let want = format!("got {} bytes", kib * 1024);
+    assert!(out.ends_with(&want), "{out}");
 }

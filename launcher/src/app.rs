@@ -427,7 +427,7 @@ async fn allowed_domains(global: &Global, a: &AllowedDomainsArgs) -> Result<()> 
     let add = parse_items(&a.add)?;
     let remove = parse_items(&a.remove)?;
     let backend = backend::open(global).await?;
-    backend.status(&name).await?;
+    let running = backend.status(&name).await?.state == backend::SessionState::Running;
     let mut cfg = ProxyConfig::from_toml(&backend.proxy_config(&name).await?)?;
     if add.is_empty() && remove.is_empty() {
         for item in &cfg.allow {
@@ -446,8 +446,13 @@ async fn allowed_domains(global: &Global, a: &AllowedDomainsArgs) -> Result<()> 
     cfg.allow = new;
     backend.update_proxy_config(&name, &cfg.to_toml()).await?;
     println!(
-        "session {name} now allows: {} (the proxy reloaded; the agent keeps running)",
-        cfg.allow.join(", ")
+        "session {name} now allows: {} ({})",
+        cfg.allow.join(", "),
+        if running {
+            "the proxy reloaded; the agent keeps running"
+        } else {
+            "the session is not running: its proxy reads this when it starts"
+        }
     );
     Ok(())
 }

@@ -96,7 +96,9 @@ pub enum AllowItem {
 }
 
 impl AllowItem {
-    /// Checks one item and normalises it to lowercase.
+    /// Checks one item with the proxy's own grammar and group names (the proxy built into this
+    /// binary reads the session's configuration with the same code), and normalises it to
+    /// lowercase.
     pub fn parse(raw: &str) -> Result<Self> {
         let item = raw.trim().to_lowercase();
         match item.as_str() {
@@ -107,52 +109,16 @@ impl AllowItem {
             "default" => return Ok(AllowItem::Default),
             _ => {}
         }
-        let is_group = item
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
-        if is_group {
+        let groups = embedded_groups()?;
+        if groups.get(&item).is_some() {
             return Ok(AllowItem::Group(item));
         }
-        let invalid = || {
-            anyhow::anyhow!(
-                "invalid allowed-domains item '{raw}': use a group name (github), a host \
-                 (example.com), a domain with its subdomains (.example.com) or subdomains only \
-                 (*.example.com), optionally with :PORT"
-            )
-        };
-        let (host_part, _port) = match item.rsplit_once(':') {
-            Some((h, p)) => {
-                let port: u16 = p.parse().map_err(|_| invalid())?;
-                if port == 0 {
-                    return Err(invalid());
-                }
-                (h, Some(port))
-            }
-            None => (item.as_str(), None),
-        };
-        let (prefixed, host) = if let Some(rest) = host_part.strip_prefix("*.") {
-            (true, rest)
-        } else if let Some(rest) = host_part.strip_prefix('.') {
-            (true, rest)
-        } else {
-            (false, host_part)
-        };
-        let labels: Vec<&str> = host.split('.').collect();
-        let label_ok = |l: &&str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars()
-                    .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
-        };
-        if host.is_empty() || !labels.iter().all(label_ok) {
-            return Err(invalid());
-        }
-        if prefixed && labels.len() < 2 {
+        if let Err(e) = paude_proxy::policy::check_item(groups, &item) {
             bail!(
-                "allowed-domains item '{raw}' would match every host under a top-level domain: \
-                 name a domain such as .example.com"
+                "invalid allowed-domains item '{raw}': {}; use a group name (github), a host \
+                 (example.com), a domain with its subdomains (.example.com), subdomains only \
+                 (*.example.com), an address or a CIDR, optionally with :PORT",
+                e.message
             );
         }
         Ok(AllowItem::Pattern(item))
@@ -172,6 +138,19 @@ impl fmt::Display for AllowItem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_proxy_item())
     }
+}
+
+/// The proxy's policy groups, as compiled into the proxy this binary carries.
+fn embedded_groups() -> Result<&'static paude_proxy::policy::Groups> {
+    static GROUPS: std::sync::OnceLock<
+        Result<paude_proxy::policy::Groups, paude_proxy::policy::PolicyError>,
+    > = std::sync::OnceLock::new();
+    GROUPS
+        .get_or_init(paude_proxy::policy::Groups::embedded)
+        .as_ref()
+        .map_err(|e| {
+            anyhow::anyhow!("the built-in policy groups do not parse ({e}): rebuild paude-launch")
+        })
 }
 
 /// Resource limits of the agent container.
@@ -444,6 +423,10 @@ mod tests {
             ".example.com",
             "*.example.com",
             "api.example.com:8443",
+            // Patterns the proxy documents, which an older launcher grammar refused.
+            "*-aiplatform.googleapis.com",
+            "[2001:db8::1]:443",
+            "intranet.",
         ] {
             assert_eq!(
                 AllowItem::parse(p).unwrap(),
@@ -468,12 +451,50 @@ mod tests {
             "example.com:0",
             "example.com:99999",
             "*",
+            ".com",
+            "*.com",
         ] {
             assert!(AllowItem::parse(p).is_err(), "{p}");
         }
-        for p in [".com", "*.com"] {
-            let err = AllowItem::parse(p).unwrap_err().to_string();
-            assert!(err.contains("top-level domain"), "{p}: {err}");
+        // A typo'd group is refused here, before any image is built, with the groups to
+        // choose from.
+        let err = AllowItem::parse("githu").unwrap_err().to_string();
+        assert!(err.contains("unknown group 'githu'"), "{err}");
+        assert!(err.contains("github"), "{err}");
+    }
+
+    #[test]
+    fn the_launcher_accepts_exactly_the_items_the_proxy_accepts() {
+        let groups = paude_proxy::policy::Groups::embedded().unwrap();
+        let corpus = [
+            "github",
+            "githu",
+            "pypi",
+            "example.com",
+            ".example.com",
+            "*.example.com",
+            "*-aiplatform.googleapis.com",
+            "intranet.",
+            "intranet",
+            "[2001:db8::1]:443",
+            "10.0.0.0/8",
+            "192.0.2.1",
+            "example.com:443",
+            "example.com:0",
+            "*",
+            ".com",
+            "exa mple.com",
+            "https://example.com",
+            "example.com/x",
+            "a..b",
+            "*.*.example.com",
+        ];
+        for item in corpus {
+            assert_eq!(
+                AllowItem::parse(item).is_ok(),
+                paude_proxy::policy::check_item(&groups, item).is_ok(),
+                "{item}"
+            );
         }
     }
 

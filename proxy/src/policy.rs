@@ -442,6 +442,21 @@ pub struct Policy {
     entries: Vec<Entry>,
 }
 
+/// Checks one allowlist item (`all`, a group name, a pattern, an IP literal or CIDR) exactly as
+/// `--allow` reads it, against `groups`: the one grammar shared by the proxy and anything that
+/// writes its configuration (paude-launch checks `--allowed-domains` with it), so the two can
+/// never accept different items.
+pub fn check_item(groups: &Groups, item: &str) -> Result<(), PolicyError> {
+    Policy::compile(
+        groups,
+        &PolicySettings {
+            allow: vec![item.to_owned()],
+            ..PolicySettings::default()
+        },
+    )
+    .map(|_| ())
+}
+
 impl Policy {
     /// Compiles the settings against the known groups.
     pub fn compile(groups: &Groups, settings: &PolicySettings) -> Result<Policy, PolicyError> {

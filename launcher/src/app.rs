@@ -250,7 +250,14 @@ async fn create_planned(
     plan: &Plan,
     progress: Progress,
 ) -> Result<()> {
-    if backend.status(&plan.name).await.is_ok() {
+    let incomplete = match backend.status(&plan.name).await {
+        Ok(info) => match info.state {
+            backend::SessionState::Incomplete(why) => Some(why),
+            _ => None,
+        },
+        Err(_) => Some(String::new()),
+    };
+    if incomplete.is_none() {
         bail!(
             "session {} already exists: attach with `paude-launch connect {}` or remove it with \
              `paude-launch delete {} --confirm`",
@@ -259,8 +266,26 @@ async fn create_planned(
             plan.name
         );
     }
+    if let Some(why) = incomplete.filter(|w| !w.is_empty()) {
+        progress.step(format!(
+            "session {} is incomplete ({why}); finishing it, its workspace volume is kept",
+            plan.name
+        ));
+    }
     backend.ensure_images(plan, progress).await?;
-    backend.create(plan, progress).await?;
+    // An interrupt (Ctrl-C, SIGTERM, SIGHUP) during the create makes it stop at its next step
+    // and remove what it made, instead of leaving half a session; a kill -9 cannot be caught,
+    // and the next create finishes what it left.
+    let guard = crate::interrupt::guard();
+    let created = backend.create(plan, progress).await;
+    drop(guard);
+    if crate::interrupt::was_fired() {
+        bail!(
+            "interrupted: what this create made was removed; run it again to create session {}",
+            plan.name
+        );
+    }
+    created?;
     if plan.git {
         let cwd = std::env::current_dir().context("cannot read the current directory")?;
         let remote = git::add_remote(&cwd, global, &plan.name)?;
@@ -287,6 +312,10 @@ async fn run_session(global: &Global, args: &CreateArgs, progress: Progress) -> 
     // An existing session is resumed as it was created; only a new one needs a plan (and so
     // the image inputs).
     match backend.status(&name).await {
+        Ok(info) if matches!(info.state, backend::SessionState::Incomplete(_)) => {
+            let plan = plan_session(global, args)?;
+            create_planned(global, backend.as_ref(), &plan, progress).await?;
+        }
         Ok(info) => {
             if info.state != backend::SessionState::Running {
                 progress.step(format!("starting session {name}"));
@@ -417,6 +446,15 @@ async fn list(global: &Global) -> Result<()> {
         );
     } else {
         print!("{}", format_list(&sessions, SystemTime::now()));
+        for s in &sessions {
+            if let backend::SessionState::Incomplete(why) = &s.state {
+                println!(
+                    "session {} is incomplete ({why}): finish it with `paude-launch create {}` \
+                     and the options it was made with; its workspace volume is kept",
+                    s.name, s.name
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -527,6 +565,11 @@ pub fn format_status(info: &SessionInfo, now: SystemTime) -> String {
         info.backend.as_str(),
         match &info.state {
             backend::SessionState::Degraded(why) => format!("degraded ({why})"),
+            backend::SessionState::Incomplete(why) => format!(
+                "incomplete ({why}): finish it with `paude-launch create {}` and the options \
+                 it was made with; its workspace volume is kept",
+                info.name
+            ),
             s => s.label().to_owned(),
         },
         info.agent,

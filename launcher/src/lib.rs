@@ -13,6 +13,7 @@ pub mod cli;
 pub mod customise;
 pub mod git;
 pub mod images;
+pub mod interrupt;
 pub mod plan;
 pub mod progress;
 pub mod spec;

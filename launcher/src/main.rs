@@ -60,6 +60,24 @@ async fn interrupted() -> ExitCode {
     if streams.is_empty() {
         return std::future::pending().await;
     }
+    let code = next_signal(&mut streams).await;
+    if paude_launch::interrupt::guarded() {
+        // The verb undoes what it was making and ends; a second signal ends it at once.
+        eprintln!(
+            "paude-launch: interrupted; undoing the unfinished create (interrupt again to leave \
+             it as it is)"
+        );
+        paude_launch::interrupt::fire();
+        let code = next_signal(&mut streams).await;
+        eprintln!("paude-launch: interrupted again; the session is left as it is");
+        return ExitCode::from(code);
+    }
+    eprintln!("paude-launch: interrupted; the session is left as it was");
+    ExitCode::from(code)
+}
+
+/// The exit code of the next signal of `streams`.
+async fn next_signal(streams: &mut [(tokio::signal::unix::Signal, u8)]) -> u8 {
     let waits = streams.iter_mut().map(|(stream, code)| {
         let code = *code;
         Box::pin(async move {
@@ -67,7 +85,5 @@ async fn interrupted() -> ExitCode {
             code
         })
     });
-    let (code, _, _) = futures_util::future::select_all(waits).await;
-    eprintln!("paude-launch: interrupted; the session is left as it was");
-    ExitCode::from(code)
+    futures_util::future::select_all(waits).await.0
 }

@@ -840,6 +840,38 @@ async fn exercise_session(
                 !Session::is_running(&agent).await?,
                 "the agent still runs after stop"
             );
+            // A stopped session's allowlist is checked as strictly as a running one's: a
+            // typo'd group is refused and stores nothing, so the next start cannot fail on it.
+            let before = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            let typo = launcher
+                .run(&["allowed-domains", &name, "--add", "githu"], COMMAND_LIMIT)
+                .await?;
+            expect_refusal(&typo, &["unknown group 'githu'", "github"])?;
+            let after = launcher
+                .ok(&["allowed-domains", &name], COMMAND_LIMIT)
+                .await?
+                .stdout;
+            ensure!(
+                before == after,
+                "a refused item changed the stopped session's allowlist: {before:?} -> {after:?}"
+            );
+            let good = launcher
+                .ok(&["allowed-domains", &name, "--add", "pypi"], COMMAND_LIMIT)
+                .await?;
+            ensure!(
+                !good.stdout.contains("reloaded") && good.stdout.contains("when it starts"),
+                "allowed-domains on a stopped session claims a reload: {}",
+                good.stdout
+            );
+            launcher
+                .ok(
+                    &["allowed-domains", &name, "--remove", "pypi"],
+                    COMMAND_LIMIT,
+                )
+                .await?;
             let status = launcher.ok(&["status", &name], COMMAND_LIMIT).await?.stdout;
             ensure!(
                 status.to_lowercase().contains("stopped") && !status.contains("running"),
@@ -882,6 +914,49 @@ async fn exercise_session(
                 )
                 .await?;
             eventually_denied(&session, "http://added.test/removed-again").await
+        }
+        .await,
+    );
+
+    checks.record(
+        "after the user's own `podman restart` of the proxy the agent reaches it at once",
+        async {
+            let mac = |info: serde_json::Value| {
+                info["NetworkSettings"]["Networks"][&internal]["MacAddress"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let before = mac(inspect("container", &proxy).await?);
+            support::podman_ok(["restart", "-t", "2", proxy.as_str()], COMMAND_LIMIT).await?;
+            let restarted = tokio::time::Instant::now();
+            ensure!(
+                mac(inspect("container", &proxy).await?) == before && !before.is_empty(),
+                "the proxy's MAC on {internal} changed across a restart (was {before})"
+            );
+            // The proxy needs a moment to listen again; a stale neighbour entry would keep the
+            // agent out for tens of seconds. The bound is generous; the time is reported.
+            let bound = Duration::from_secs(5);
+            loop {
+                let out = session
+                    .sh("curl -sS -i --max-time 2 http://allowed.test/after-podman-restart")
+                    .await?;
+                if out.success() && out.stdout.contains("paude-upstream") {
+                    break;
+                }
+                ensure!(
+                    restarted.elapsed() < bound,
+                    "the agent could not reach its restarted proxy within {} s: {}",
+                    bound.as_secs(),
+                    out.stderr.trim()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            eprintln!(
+                "the agent reached its restarted proxy {} ms after `podman restart` returned",
+                restarted.elapsed().as_millis()
+            );
+            Ok(())
         }
         .await,
     );
@@ -1393,6 +1468,294 @@ async fn run_attaches_and_a_mounted_session_with_its_own_egress_network_is_remov
     }
     .await;
     checks.record("the mounted session was created and exercised", result);
+    checks.finish();
+}
+
+/// Runs `args` and, once its progress prints a line containing `stage`, sends it `signal`;
+/// returns everything it printed on stderr and whether the signal was sent.
+async fn signal_at_stage(
+    launcher: &Launcher,
+    args: &[String],
+    stage: &str,
+    signal: &str,
+) -> Result<(String, bool)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = launcher
+        .command(env!("CARGO_BIN_EXE_paude-launch"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id().context("paude-launch has no pid")?;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().context("no stderr")?).lines();
+    let mut seen = String::new();
+    let mut sent = false;
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            seen.push_str(&line);
+            seen.push('\n');
+            if !sent && line.contains(stage) {
+                let ok = std::process::Command::new("kill")
+                    .args([&format!("-{signal}"), &pid.to_string()])
+                    .status()?
+                    .success();
+                ensure!(ok, "kill -{signal} {pid} failed");
+                sent = true;
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(CREATE_LIMIT, read)
+        .await
+        .context("paude-launch did not end")??;
+    child.wait().await?;
+    Ok((seen, sent))
+}
+
+/// After a fault, `list`, `status` and `create` agree: the session is absent from all, or
+/// listed and shown as it is; then the create (or, for a complete session, a start) finishes
+/// it, and the agent reaches the upstream through its proxy.
+async fn converges(launcher: &Launcher, args: &[String], name: &str) -> Result<()> {
+    let status = launcher.run(&["status", name], COMMAND_LIMIT).await?;
+    let list = launcher.ok(&["list"], COMMAND_LIMIT).await?.stdout;
+    let listed = list
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(name));
+    ensure!(
+        status.success() == listed,
+        "list and status disagree about {name}: status {:?} ({}{}), list:\n{list}",
+        status.code,
+        status.stdout,
+        status.stderr
+    );
+    let complete = status.success() && !status.stdout.contains("incomplete");
+    if status.stdout.contains("incomplete") {
+        ensure!(
+            status
+                .stdout
+                .contains(&format!("paude-launch create {name}"))
+                && list.contains(&format!("paude-launch create {name}")),
+            "status and list of an incomplete session do not name the create that finishes \
+             it:\n{}\n{list}",
+            status.stdout
+        );
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if complete {
+        launcher.ok(&["start", name], COMMAND_LIMIT).await?;
+    } else {
+        launcher.ok(&args, CREATE_LIMIT).await?;
+    }
+    let state = launcher.ok(&["status", name], COMMAND_LIMIT).await?.stdout;
+    ensure!(
+        state.contains("state:       running"),
+        "after the repair: {state}"
+    );
+    let session = Session {
+        name: name.to_owned(),
+        agent: format!("paude-{name}-agent"),
+        proxy: format!("paude-{name}-proxy"),
+        proxy_ip: String::new(),
+    };
+    eventually_upstream(&session, "http://allowed.test/after-repair", ALLOWED_HOST).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_interrupts_and_removed_containers_never_leave_a_stuck_session() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        support::prepare_images().await?;
+        let suffix = support::unique_suffix();
+        let name = format!("e2e-fault-{suffix}");
+        let _guard = SessionGuard(name.clone());
+        let upstream = Upstream::start(&suffix).await?;
+        let service = ApiService::start(&suffix).await?;
+        let dir = tempfile::tempdir()?;
+        let launcher = Launcher::new(Some(service.docker_host.clone()), dir.path())?;
+        let mut args = base_create_args(&name);
+        args.extend([
+            "--proxy-resolve".into(),
+            format!("{ALLOWED_HOST}={}", upstream.ip),
+            "--proxy-allow-cidr".into(),
+            upstream.subnet.clone(),
+            "--egress-network".into(),
+            upstream.network.clone(),
+            "--allowed-domains".into(),
+            ALLOWED_HOST.into(),
+        ]);
+        // The images first, so that every create below reaches its stages at once.
+        let str_args: Vec<&str> = args.iter().map(String::as_str).collect();
+        launcher.ok(&str_args, CREATE_LIMIT).await?;
+        launcher.ok(&["delete", &name, "--confirm"], COMMAND_LIMIT).await?;
+
+        checks.record(
+            "Ctrl-C during create removes what it made",
+            async {
+                let (stderr, sent) =
+                    signal_at_stage(&launcher, &args, "starting proxy", "INT").await?;
+                ensure!(sent, "create never reached its proxy stage:\n{stderr}");
+                let left = session_objects(&name).await?;
+                ensure!(
+                    left.is_empty(),
+                    "an interrupted create left {left:?}:\n{stderr}"
+                );
+                ensure!(
+                    stderr.contains("removed"),
+                    "the interrupted create does not say what it did:\n{stderr}"
+                );
+                converges(&launcher, &args, &name).await?;
+                launcher.ok(&["delete", &name, "--confirm"], COMMAND_LIMIT).await?;
+                Ok(())
+            }
+            .await,
+        );
+        for stage in ["creating networks", "starting proxy", "starting agent"] {
+            checks.record(
+                &format!("kill -9 of create at \"{stage}\" leaves a session the verbs agree on, and create finishes it"),
+                async {
+                    let (stderr, sent) = signal_at_stage(&launcher, &args, stage, "KILL").await?;
+                    ensure!(sent, "create never reached \"{stage}\":\n{stderr}");
+                    converges(&launcher, &args, &name).await?;
+                    launcher.ok(&["delete", &name, "--confirm"], COMMAND_LIMIT).await?;
+                    let left = session_objects(&name).await?;
+                    ensure!(left.is_empty(), "delete left {left:?}");
+                    Ok(())
+                }
+                .await,
+            );
+        }
+        checks.record(
+            "a removed agent or proxy container is re-created and the workspace is kept",
+            async {
+                launcher.ok(&str_args, CREATE_LIMIT).await?;
+                let agent = format!("paude-{name}-agent");
+                let proxy = format!("paude-{name}-proxy");
+                support::podman_ok(
+                    ["exec", agent.as_str(), "sh", "-c", "echo mine > /workspace/work.txt"],
+                    COMMAND_LIMIT,
+                )
+                .await?;
+                for removed in [&agent, &proxy] {
+                    support::podman_ok(["rm", "-f", removed.as_str()], COMMAND_LIMIT).await?;
+                    let start = launcher.run(&["start", &name], COMMAND_LIMIT).await?;
+                    ensure!(
+                        !start.success()
+                            && start.stderr.contains(&format!("paude-launch create {name}"))
+                            && start.stderr.contains("volume is kept")
+                            && !start.stderr.contains("delete"),
+                        "start of a session without {removed}: {}",
+                        start.stderr
+                    );
+                    converges(&launcher, &args, &name).await?;
+                    let work = support::podman_ok(
+                        ["exec", agent.as_str(), "cat", "/workspace/work.txt"],
+                        COMMAND_LIMIT,
+                    )
+                    .await?;
+                    ensure!(work == "mine\n", "the workspace after re-creating {removed}: {work:?}");
+                }
+                Ok(())
+            }
+            .await,
+        );
+        Ok(())
+    }
+    .await;
+    checks.record("the fault sequences ran", result);
+    checks.finish();
+}
+
+/// The pids of `podman system service` processes serving a socket of paude-launch `pid`.
+async fn services_of(pid: u32) -> Result<Vec<String>> {
+    let out = support::run(
+        {
+            let mut c = Command::new("pgrep");
+            c.args(["-f", &format!("system service .*paude-launch-{pid}-")]);
+            c
+        },
+        COMMAND_LIMIT,
+        None,
+    )
+    .await?;
+    Ok(out.stdout.split_whitespace().map(str::to_owned).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_launcher_leaves_no_api_service_and_no_socket_directory() {
+    let _podman = PODMAN.lock().await;
+    let mut checks = Checks::default();
+    let result = async {
+        if Path::new("/run/podman/podman.sock").exists() {
+            eprintln!("a system API socket exists, which paude-launch uses instead of its own");
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        // No DOCKER_HOST: paude-launch starts a `podman system service` of its own.
+        let launcher = Launcher::new(None, dir.path())?;
+        let mut killed = None;
+        // kill -9 lands while the service runs: a closed terminal or an OOM kill. A verb can
+        // end before the service is seen; then it is tried again.
+        for _ in 0..20 {
+            let mut child = launcher
+                .command(env!("CARGO_BIN_EXE_paude-launch"))
+                .args(["list"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let pid = child.id().context("paude-launch has no pid")?;
+            let deadline = tokio::time::Instant::now() + COMMAND_LIMIT;
+            while tokio::time::Instant::now() < deadline {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if !services_of(pid).await?.is_empty() {
+                    use std::os::unix::fs::PermissionsExt;
+                    let prefix = format!("paude-launch-{pid}-");
+                    for e in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+                        if e.file_name().to_string_lossy().starts_with(&prefix) {
+                            let mode = e.metadata()?.permissions().mode() & 0o777;
+                            ensure!(mode == 0o700, "the socket directory has mode {mode:o}");
+                        }
+                    }
+                    child.start_kill()?;
+                    child.wait().await?;
+                    killed = Some(pid);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if killed.is_some() {
+                break;
+            }
+            let _ = child.wait().await;
+        }
+        let pid = killed.context("paude-launch never ran long enough to be killed")?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = services_of(pid).await?;
+            if left.is_empty() {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "paude-launch was killed but its API service still runs: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The next command removes the dead process's socket directory.
+        launcher.ok(&["list"], COMMAND_LIMIT).await?;
+        let prefix = format!("paude-launch-{pid}-");
+        let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())?
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        ensure!(left.is_empty(), "socket directories left behind: {left:?}");
+        Ok(())
+    }
+    .await;
+    checks.record("a killed paude-launch leaves nothing running", result);
     checks.finish();
 }
 

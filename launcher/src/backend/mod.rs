@@ -32,8 +32,11 @@ pub enum SessionState {
     Running,
     /// Agent and proxy are stopped; the data volume is kept.
     Stopped,
-    /// Some objects are missing or only part of the session runs; the text says what.
+    /// Only part of the session runs; the text says what.
     Degraded(String),
+    /// Objects of the session are missing (a create was interrupted, a container removed):
+    /// the text says what. Creating the session again finishes it and keeps its volume.
+    Incomplete(String),
 }
 
 impl SessionState {
@@ -43,6 +46,7 @@ impl SessionState {
             SessionState::Running => "running",
             SessionState::Stopped => "stopped",
             SessionState::Degraded(_) => "degraded",
+            SessionState::Incomplete(_) => "incomplete",
         }
     }
 }
@@ -130,11 +134,12 @@ pub trait Backend: Send + Sync {
     /// Creates every object of the session and starts it: networks or network policies, the
     /// data volume, the proxy (its configuration bound to its address, reachable only by the
     /// agent), then the agent (with [`Plan::agent_env`] for the proxy's address, mounts, files,
-    /// limits and hardening). Errors with "session NAME already exists" when the session exists: on
-    /// Podman when any object labelled with the name exists (a failed create removes what it
-    /// made, so none is left half-made); on a cluster once the agent StatefulSet exists, while
-    /// objects left by a create that failed half-way are re-applied, which repairs it. Images
-    /// must already exist (see [`Backend::ensure_images`]).
+    /// limits and hardening). Create converges: objects a killed or failed create left, or a
+    /// container removed since, are kept (the data volume with the work in it above all) and
+    /// what is missing is made from the plan. Errors with "session NAME already exists" when
+    /// the session is complete. A create that fails removes what it made itself, and only
+    /// that; so does one interrupted ([`crate::interrupt`]), at its next step. Images must
+    /// already exist (see [`Backend::ensure_images`]).
     async fn create(&self, plan: &Plan, progress: Progress) -> Result<()>;
 
     /// Starts a stopped session (proxy first, then agent); a running session is left as is.

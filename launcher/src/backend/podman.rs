@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +60,8 @@ const BUILD_LOG_TAIL: usize = 25;
 const PROXY_MEMORY: i64 = 512 << 20;
 /// Where a new proxy configuration is checked before it replaces the one in force.
 const PROXY_CANDIDATE_PATH: &str = "/etc/paude-proxy/candidate.toml";
+/// What the proxy prints once it accepts connections.
+const PROXY_LISTENING: &str = "paude-proxy listening on";
 /// Process limit of the proxy container.
 const PROXY_PIDS: i64 = 256;
 /// How long to wait for the engine to do something it always does in a moment (start its API
@@ -70,6 +73,16 @@ const ENGINE_WAIT: Duration = Duration::from_secs(60);
 pub struct Podman {
     /// The connection and, when we started it, the API service process.
     conn: OnceCell<Connection>,
+    /// What the running `create` made, for undoing it when it fails or is interrupted.
+    made: std::sync::Mutex<Vec<Made>>,
+}
+
+/// An object a `create` made (not one it found).
+#[derive(Debug, Clone)]
+enum Made {
+    Network(String),
+    Volume(String),
+    Container(String),
 }
 
 /// An open API connection.
@@ -132,6 +145,7 @@ impl Podman {
     pub fn new(_global: &Global) -> Self {
         Podman {
             conn: OnceCell::new(),
+            made: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -199,18 +213,81 @@ async fn connect() -> Result<Connection> {
     start_service(&candidates).await
 }
 
-/// Starts `podman system service --time=0` on a socket in a private directory and waits for it.
-async fn start_service(tried: &[String]) -> Result<Connection> {
-    let dir = std::env::temp_dir().join(format!(
-        "paude-launch-{}-{}",
-        std::process::id(),
-        SystemTime::now()
+/// The prefix of the private socket directories in the temporary directory:
+/// `paude-launch-PID-NONCE`.
+const SERVICE_DIR_PREFIX: &str = "paude-launch-";
+
+/// Creates this process's private socket directory: mode 0700, and never one that exists
+/// already (another user could have made it to catch the socket). Removes first the
+/// directories of paude-launch processes that died without cleaning up (kill -9, OOM).
+fn private_service_dir() -> Result<PathBuf> {
+    let tmp = std::env::temp_dir();
+    remove_dead_service_dirs(&tmp);
+    let mut last = None;
+    for attempt in 0..8u32 {
+        let nonce = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0)
-    ));
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create '{}' for the podman socket", dir.display()))?;
+            .wrapping_add(attempt);
+        let dir = tmp.join(format!(
+            "{SERVICE_DIR_PREFIX}{}-{nonce}",
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot create '{}' for the podman socket: make the temporary directory \
+                         writable or set TMPDIR to one that is",
+                        dir.display()
+                    )
+                })
+            }
+        }
+    }
+    Err(last.map_or_else(|| anyhow!("no attempt made"), anyhow::Error::from)).context(format!(
+        "cannot create a new private directory for the podman socket in '{}': remove stale \
+         {SERVICE_DIR_PREFIX}* entries there",
+        tmp.display()
+    ))
+}
+
+/// Removes the socket directories, owned by this user, of paude-launch processes that no
+/// longer exist. Their services died with them (see `start_service`); only the directories
+/// remain.
+fn remove_dead_service_dirs(tmp: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SERVICE_DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if ours && !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Starts `podman system service --time=0` on a socket in a private directory and waits for
+/// it. The service dies with this process however it ends: dropped on the way out, and killed
+/// by the kernel (`PR_SET_PDEATHSIG`) if this process is killed outright.
+async fn start_service(tried: &[String]) -> Result<Connection> {
+    let dir = private_service_dir()?;
     let socket = dir.join("podman.sock");
     let url = format!("unix://{}", socket.display());
     let mut command = tokio::process::Command::new("podman");
@@ -218,10 +295,19 @@ async fn start_service(tried: &[String]) -> Result<Connection> {
     // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent. The service
     // (and the container runtimes it spawns) must not share our controlling terminal: they
     // would reset its mode while `run` attaches to the agent.
+    // prctl(2) and getppid(2) are async-signal-safe too. The parent's death kills the
+    // service; if the parent died before prctl took effect, the service does not start.
+    let parent = std::process::id();
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other("paude-launch exited"));
             }
             Ok(())
         });
@@ -375,6 +461,23 @@ pub fn proxy_address(subnet: &IpNet) -> Result<IpAddr> {
         .hosts()
         .nth(1)
         .with_context(|| format!("the internal network's subnet {subnet} is too small"))
+}
+
+/// The proxy's MAC address on the internal network, fixed by its address there: locally
+/// administered, unicast, `02:50:` then the four bytes of the IPv4 address (so unique on the
+/// subnet).
+pub fn proxy_mac(ip: IpAddr) -> String {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [o[12], o[13], o[14], o[15]]
+        }
+    };
+    format!(
+        "02:50:{:02x}:{:02x}:{:02x}:{:02x}",
+        octets[0], octets[1], octets[2], octets[3]
+    )
 }
 
 /// Renders the readable `--dry-run` description of a plan.
@@ -558,7 +661,7 @@ impl Podman {
             proxy: role(Role::Proxy),
             agent: role(Role::Agent),
         };
-        if found.proxy.is_none() && found.agent.is_none() {
+        if found.proxy.is_none() && found.agent.is_none() && !self.any_object(name).await? {
             bail!("no session named {name}: see `paude-launch list`");
         }
         Ok(found)
@@ -590,8 +693,9 @@ impl Podman {
         Ok(!vols.volumes.unwrap_or_default().is_empty())
     }
 
-    /// Builds one image from its context, streaming the engine's output.
-    async fn build(&self, image: &ImagePlan, progress: Progress) -> Result<()> {
+    /// Builds one image from its context, streaming the engine's output; `no_cache` builds
+    /// every step afresh.
+    async fn build(&self, image: &ImagePlan, no_cache: bool, progress: Progress) -> Result<()> {
         let docker = self.docker().await?;
         let reference = image.reference();
         let mut shown = progress.build(&reference);
@@ -602,6 +706,8 @@ impl Podman {
             .t(&reference)
             .rm(true)
             .forcerm(true)
+            // `--rebuild` means fresh packages: no step may come from the layer cache.
+            .nocache(no_cache)
             .labels(&build_labels)
             .build();
         let mut stream = docker.build_image(opts, None, Some(body_full(tar.into())));
@@ -663,15 +769,19 @@ impl Podman {
         // The agent's side has no route out (`internal`) and, on Podman, no DNS server and no
         // address on the host (see isolation.rs); the proxy's outbound side has a route out.
         let mut networks = Vec::new();
-        if let Engine::Podman { .. } = self.connection().await?.engine {
+        if self.network_exists(&n.internal_network).await? {
+            // Left by an earlier create of this session: kept.
+        } else if let Engine::Podman { .. } = self.connection().await?.engine {
             self.create_internal_network(plan).await?;
+            self.record(Made::Network(n.internal_network.clone()));
         } else {
             networks.push((&n.internal_network, true, Role::InternalNetwork));
         }
-        if n.owns_egress_network {
+        if n.owns_egress_network && !self.network_exists(&n.egress_network).await? {
             networks.push((&n.egress_network, false, Role::EgressNetwork));
         }
         for (name, internal, role) in networks {
+            self.record(Made::Network(name.clone()));
             docker
                 .create_network(NetworkCreateRequest {
                     name: name.clone(),
@@ -694,15 +804,19 @@ impl Podman {
             .and_then(|s| s.parse().ok())
             .with_context(|| format!("network {} reports no usable subnet", n.internal_network))?;
         let proxy_ip = proxy_address(&subnet)?;
-        docker
-            .create_volume(VolumeCreateRequest {
-                name: Some(n.data.clone()),
-                labels: Some(label_map(plan.labels_for(Role::Data))),
-                ..Default::default()
-            })
-            .await
-            .with_context(|| format!("cannot create volume {}", n.data))?;
+        if docker.inspect_volume(&n.data).await.is_err() {
+            self.record(Made::Volume(n.data.clone()));
+            docker
+                .create_volume(VolumeCreateRequest {
+                    name: Some(n.data.clone()),
+                    labels: Some(label_map(plan.labels_for(Role::Data))),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("cannot create volume {}", n.data))?;
+        }
 
+        crate::interrupt::check()?;
         progress.step(format!(
             "starting proxy {} at {proxy_ip}:{PROXY_PORT}",
             n.proxy
@@ -715,6 +829,10 @@ impl Podman {
                         ipv4_address: Some(proxy_ip.to_string()),
                         ..Default::default()
                     }),
+                    // The same MAC at every run: a restarted proxy gets a new veth, and with
+                    // a new MAC the agent's neighbour entry would point at the old one for
+                    // tens of seconds.
+                    mac_address: Some(proxy_mac(proxy_ip)),
                     ..Default::default()
                 },
             ),
@@ -737,22 +855,36 @@ impl Podman {
             }),
             ..Default::default()
         };
-        docker
-            .create_container(
-                Some(CreateContainerOptionsBuilder::new().name(&n.proxy).build()),
-                proxy_body,
-            )
-            .await
-            .with_context(|| format!("cannot create container {}", n.proxy))?;
-        let config = plan.proxy.bound_to(proxy_ip, &[subnet]).to_toml();
-        self.upload(&n.proxy, &[(PROXY_CONFIG_PATH, config.as_bytes(), 0o644)])
-            .await?;
-        docker
-            .start_container(&n.proxy, None)
-            .await
-            .with_context(|| format!("cannot start container {}", n.proxy))?;
-        self.wait_for_proxy(&n.proxy).await?;
+        match self.container_running(plan, &n.proxy).await? {
+            // Its configuration may hold allowlist edits: kept as it is.
+            Some(true) => {}
+            Some(false) => {
+                // A create killed between making the container and writing its configuration
+                // left it without one.
+                if self.read_proxy_config(&n.proxy).await.is_err() {
+                    let config = plan.proxy.bound_to(proxy_ip, &[subnet]).to_toml();
+                    self.upload(&n.proxy, &[(PROXY_CONFIG_PATH, config.as_bytes(), 0o644)])
+                        .await?;
+                }
+                self.start_proxy(&n.proxy).await?;
+            }
+            None => {
+                self.record(Made::Container(n.proxy.clone()));
+                docker
+                    .create_container(
+                        Some(CreateContainerOptionsBuilder::new().name(&n.proxy).build()),
+                        proxy_body,
+                    )
+                    .await
+                    .with_context(|| format!("cannot create container {}", n.proxy))?;
+                let config = plan.proxy.bound_to(proxy_ip, &[subnet]).to_toml();
+                self.upload(&n.proxy, &[(PROXY_CONFIG_PATH, config.as_bytes(), 0o644)])
+                    .await?;
+                self.start_proxy(&n.proxy).await?;
+            }
+        }
 
+        crate::interrupt::check()?;
         progress.step(format!("starting agent {}", n.agent));
         let a = &plan.agent_container;
         let mut mounts = vec![ApiMount {
@@ -811,29 +943,108 @@ impl Podman {
             }),
             ..Default::default()
         };
-        docker
-            .create_container(
-                Some(CreateContainerOptionsBuilder::new().name(&n.agent).build()),
-                agent_body,
-            )
-            .await
-            .with_context(|| format!("cannot create container {}", n.agent))?;
-        let files: Vec<(&str, &[u8], u32)> = a
-            .files
-            .iter()
-            .map(|f: &InjectedFile| (f.path.as_str(), f.contents.as_bytes(), f.mode))
-            .collect();
-        self.upload(&n.agent, &files).await?;
-        docker
-            .start_container(&n.agent, None)
-            .await
-            .with_context(|| format!("cannot start container {}", n.agent))?;
+        crate::interrupt::check()?;
+        let running = self.container_running(plan, &n.agent).await?;
+        if running.is_none() {
+            self.record(Made::Container(n.agent.clone()));
+            docker
+                .create_container(
+                    Some(CreateContainerOptionsBuilder::new().name(&n.agent).build()),
+                    agent_body,
+                )
+                .await
+                .with_context(|| format!("cannot create container {}", n.agent))?;
+        }
+        if running != Some(true) {
+            // Also into a stopped agent a killed create left: it may not have them yet.
+            let files: Vec<(&str, &[u8], u32)> = a
+                .files
+                .iter()
+                .map(|f: &InjectedFile| (f.path.as_str(), f.contents.as_bytes(), f.mode))
+                .collect();
+            self.upload(&n.agent, &files).await?;
+        }
+        if running != Some(true) {
+            docker
+                .start_container(&n.agent, None)
+                .await
+                .with_context(|| format!("cannot start container {}", n.agent))?;
+        }
+        crate::interrupt::check()?;
         let took = self.check_and_release(&plan.name).await?;
         progress.step(format!(
             "checked that the agent's only way out is its proxy ({} ms)",
             took.as_millis()
         ));
         Ok(())
+    }
+
+    /// Removes what the running create made (and only that), newest first.
+    async fn undo_create(&self) -> Result<()> {
+        let made: Vec<Made> = std::mem::take(&mut *self.made.lock().expect("made list"));
+        let docker = self.docker().await?;
+        let mut errors = Vec::new();
+        // Containers before the volume and networks they use.
+        for m in made.iter().rev() {
+            let result = match m {
+                Made::Container(c) => docker
+                    .remove_container(
+                        c,
+                        Some(RemoveContainerOptionsBuilder::new().force(true).build()),
+                    )
+                    .await
+                    .map(|_| ()),
+                Made::Volume(v) => {
+                    docker
+                        .remove_volume(
+                            v,
+                            Some(RemoveVolumeOptionsBuilder::new().force(true).build()),
+                        )
+                        .await
+                }
+                Made::Network(n) => docker.remove_network(n).await,
+            };
+            if let Err(e) = result {
+                if !is_not_found(&e) {
+                    errors.push(format!("{m:?}: {e}"));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            bail!("could not remove {}", errors.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Notes an object this create made, before asking for it (so an interrupt while the
+    /// engine makes it still removes it).
+    fn record(&self, made: Made) {
+        self.made.lock().expect("made list").push(made);
+    }
+
+    /// Whether a network exists.
+    async fn network_exists(&self, name: &str) -> Result<bool> {
+        match self.docker().await?.inspect_network(name, None).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("cannot inspect network {name}")),
+        }
+    }
+
+    /// Whether a container of the session runs (`Some(true)`), exists stopped (`Some(false)`)
+    /// or is missing. (Listed, not inspected: Podman reports states in an inspect that the
+    /// API's schema does not know, such as `stopped`.)
+    async fn container_running(&self, plan: &Plan, name: &str) -> Result<Option<bool>> {
+        let all = self.containers(Some(&plan.name)).await?;
+        let wanted = format!("/{name}");
+        Ok(all
+            .iter()
+            .find(|c| {
+                c.names
+                    .as_ref()
+                    .is_some_and(|n| n.iter().any(|n| n == name || *n == wanted))
+            })
+            .map(is_running))
     }
 
     /// Creates the agent's internal network through the libpod API: internal, DNS off, no
@@ -970,15 +1181,36 @@ impl Podman {
             .with_context(|| format!("cannot copy files into container {container}"))
     }
 
-    /// Waits until the proxy prints its listening line; fails with its log if it exits.
-    async fn wait_for_proxy(&self, container: &str) -> Result<()> {
+    /// How many times the proxy's log says it listens: one more than before a start means
+    /// this run listens (a container's log spans all its runs).
+    async fn listening_lines(&self, container: &str) -> usize {
+        let logs = self.logs(container, true, true).await.unwrap_or_default();
+        logs.matches(PROXY_LISTENING).count()
+    }
+
+    /// Starts the (stopped) proxy container and waits until this run prints its listening
+    /// line; fails with its log if it exits.
+    async fn start_proxy(&self, container: &str) -> Result<()> {
+        let before = self.listening_lines(container).await;
+        self.docker()
+            .await?
+            .start_container(container, None)
+            .await
+            .with_context(|| format!("cannot start {container}"))?;
+        self.wait_for_proxy(container, before).await
+    }
+
+    /// Waits until the proxy's log holds more than `before` listening lines; fails with its log
+    /// if it exits.
+    async fn wait_for_proxy(&self, container: &str, before: usize) -> Result<()> {
         let docker = self.docker().await?;
         let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
         loop {
             let logs = self.logs(container, true, true).await.unwrap_or_default();
-            if logs.contains("paude-proxy listening on") {
+            if logs.matches(PROXY_LISTENING).count() > before {
                 return Ok(());
             }
+            crate::interrupt::check()?;
             let inspect = docker.inspect_container(container, None).await?;
             let running = inspect
                 .state
@@ -1031,7 +1263,7 @@ impl Podman {
         match found.agent {
             Some(c) if is_running(&c) => Ok(format!("paude-{name}-agent")),
             Some(_) => bail!("session {name} is stopped: start it with `paude-launch start {name}`"),
-            None => bail!("session {name} has no agent container: delete it with `paude-launch delete {name} --confirm` and create it again"),
+            None => bail!("session {name} has no agent container: finish it with `paude-launch create {name}` and the options it was made with (its workspace volume is kept)"),
         }
     }
 
@@ -1039,7 +1271,7 @@ impl Podman {
     async fn proxy_container(&self, name: &SessionName) -> Result<String> {
         let found = self.find(name).await?;
         if found.proxy.is_none() {
-            bail!("session {name} has no proxy container: delete it with `paude-launch delete {name} --confirm` and create it again");
+            bail!("session {name} has no proxy container: finish it with `paude-launch create {name}` and the options it was made with (its workspace volume is kept)");
         }
         Ok(format!("paude-{name}-proxy"))
     }
@@ -1070,8 +1302,11 @@ impl Podman {
                 SessionState::Degraded("the proxy is not running".to_owned())
             }
             (Some(_), Some(_)) => SessionState::Degraded("the agent is not running".to_owned()),
-            (None, _) => SessionState::Degraded("the proxy container is missing".to_owned()),
-            (_, None) => SessionState::Degraded("the agent container is missing".to_owned()),
+            (None, None) => {
+                SessionState::Incomplete("it has no proxy and no agent container".to_owned())
+            }
+            (None, _) => SessionState::Incomplete("the proxy container is missing".to_owned()),
+            (_, None) => SessionState::Incomplete("the agent container is missing".to_owned()),
         };
         let any = found.agent.as_ref().or(found.proxy.as_ref());
         let label = |k: &str| {
@@ -1348,14 +1583,15 @@ impl Backend for Podman {
                 progress.detail(format!("image {reference} is up to date"));
                 continue;
             }
-            self.build(image, progress).await?;
+            self.build(image, plan.rebuild, progress).await?;
         }
         Ok(())
     }
 
     async fn create(&self, plan: &Plan, progress: Progress) -> Result<()> {
         self.require_safe_engine().await?;
-        if self.any_object(&plan.name).await? {
+        let existing = self.containers(Some(&plan.name)).await?;
+        if existing.len() >= 2 {
             bail!(
                 "session {} already exists: attach with `paude-launch connect {}` or remove it with `paude-launch delete {} --confirm`",
                 plan.name, plan.name, plan.name
@@ -1376,9 +1612,10 @@ impl Backend for Podman {
                 return Err(e).context("cannot inspect the egress network");
             }
         }
+        self.made.lock().expect("made list").clear();
         if let Err(e) = self.create_objects(plan, progress).await {
-            progress.step("creation failed; removing what was created");
-            let _ = self.remove_all(&plan.name).await;
+            progress.step("creation failed; removing what this create made");
+            let _ = self.undo_create().await;
             return Err(e);
         }
         Ok(())
@@ -1389,15 +1626,14 @@ impl Backend for Podman {
         let found = self.find(name).await?;
         let docker = self.docker().await?;
         let (Some(proxy), Some(agent)) = (&found.proxy, &found.agent) else {
-            bail!("session {name} is incomplete: delete it with `paude-launch delete {name} --confirm` and create it again");
+            bail!("session {name} is incomplete ({}): finish it with `paude-launch create {name}` and the options it was made with (its workspace volume is kept)", match (&found.proxy, &found.agent) {
+                (None, None) => "it has no proxy and no agent container",
+                (None, _) => "the proxy container is missing",
+                _ => "the agent container is missing",
+            });
         };
         if !is_running(proxy) {
-            let c = format!("paude-{name}-proxy");
-            docker
-                .start_container(&c, None)
-                .await
-                .with_context(|| format!("cannot start {c}"))?;
-            self.wait_for_proxy(&c).await?;
+            self.start_proxy(&format!("paude-{name}-proxy")).await?;
         }
         if !is_running(agent) {
             let c = format!("paude-{name}-agent");
@@ -1462,6 +1698,39 @@ impl Backend for Podman {
                 entry.proxy = Some(c);
             } else if role == Role::Agent.as_str() {
                 entry.agent = Some(c);
+            }
+        }
+        // A create killed before its containers leaves only networks and a volume: listed too,
+        // as incomplete.
+        let docker = self.docker().await?;
+        let nets = docker
+            .list_networks(Some(
+                ListNetworksOptionsBuilder::new()
+                    .filters(&session_filter(None))
+                    .build(),
+            ))
+            .await
+            .context("cannot list networks")?;
+        let vols = docker
+            .list_volumes(Some(
+                ListVolumesOptionsBuilder::new()
+                    .filters(&session_filter(None))
+                    .build(),
+            ))
+            .await
+            .context("cannot list volumes")?;
+        let other_labels = nets.into_iter().filter_map(|n| n.labels).chain(
+            vols.volumes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v.labels),
+        );
+        for l in other_labels {
+            if let Some(session) = l.get(labels::SESSION) {
+                by_name.entry(session.clone()).or_insert(Found {
+                    proxy: None,
+                    agent: None,
+                });
             }
         }
         let mut out = Vec::new();
@@ -1748,6 +2017,13 @@ mod tests {
         assert_eq!(proxy_address(&net).unwrap().to_string(), "10.89.3.2");
         let tiny: IpNet = "10.0.0.0/32".parse().unwrap();
         assert!(proxy_address(&tiny).is_err());
+    }
+
+    #[test]
+    fn the_proxy_mac_is_fixed_by_its_address() {
+        let ip: IpAddr = "10.89.3.2".parse().unwrap();
+        assert_eq!(proxy_mac(ip), "02:50:0a:59:03:02");
+        assert_ne!(proxy_mac(ip), proxy_mac("10.89.4.2".parse().unwrap()));
     }
 
     #[test]

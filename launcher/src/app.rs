@@ -449,9 +449,9 @@ async fn list(global: &Global) -> Result<()> {
         for s in &sessions {
             if let backend::SessionState::Incomplete(why) = &s.state {
                 println!(
-                    "session {} is incomplete ({why}): finish it with `paude-launch create {}` \
-                     and the options it was made with; its workspace volume is kept",
-                    s.name, s.name
+                    "session {} is incomplete ({why}): {}",
+                    s.name,
+                    backend::finish_hint(&s.name)
                 );
             }
         }
@@ -565,11 +565,9 @@ pub fn format_status(info: &SessionInfo, now: SystemTime) -> String {
         info.backend.as_str(),
         match &info.state {
             backend::SessionState::Degraded(why) => format!("degraded ({why})"),
-            backend::SessionState::Incomplete(why) => format!(
-                "incomplete ({why}): finish it with `paude-launch create {}` and the options \
-                 it was made with; its workspace volume is kept",
-                info.name
-            ),
+            backend::SessionState::Incomplete(why) => {
+                format!("incomplete ({why}): {}", backend::finish_hint(&info.name))
+            }
             s => s.label().to_owned(),
         },
         info.agent,

@@ -51,6 +51,15 @@ impl SessionState {
     }
 }
 
+/// How an incomplete session is finished, for every message that meets one: the create
+/// converges, so nothing suggests a delete (which would take the workspace with it).
+pub fn finish_hint(name: &impl std::fmt::Display) -> String {
+    format!(
+        "finish it with `paude-launch create {name}` and the options it was made with; its \
+         workspace volume is kept"
+    )
+}
+
 /// One session as `list` and `status` show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionInfo {

@@ -624,6 +624,18 @@ struct Found {
     agent: Option<ContainerSummary>,
 }
 
+impl Found {
+    /// Which container is missing, for an incomplete session.
+    fn missing(&self) -> Option<&'static str> {
+        match (&self.proxy, &self.agent) {
+            (Some(_), Some(_)) => None,
+            (None, None) => Some("it has no proxy and no agent container"),
+            (None, _) => Some("the proxy container is missing"),
+            (_, None) => Some("the agent container is missing"),
+        }
+    }
+}
+
 /// Whether a container summary reports a running container.
 fn is_running(c: &ContainerSummary) -> bool {
     c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
@@ -855,33 +867,26 @@ impl Podman {
             }),
             ..Default::default()
         };
-        match self.container_running(plan, &n.proxy).await? {
-            // Its configuration may hold allowlist edits: kept as it is.
-            Some(true) => {}
-            Some(false) => {
-                // A create killed between making the container and writing its configuration
-                // left it without one.
-                if self.read_proxy_config(&n.proxy).await.is_err() {
-                    let config = plan.proxy.bound_to(proxy_ip, &[subnet]).to_toml();
-                    self.upload(&n.proxy, &[(PROXY_CONFIG_PATH, config.as_bytes(), 0o644)])
-                        .await?;
-                }
-                self.start_proxy(&n.proxy).await?;
-            }
-            None => {
-                self.record(Made::Container(n.proxy.clone()));
-                docker
-                    .create_container(
-                        Some(CreateContainerOptionsBuilder::new().name(&n.proxy).build()),
-                        proxy_body,
-                    )
-                    .await
-                    .with_context(|| format!("cannot create container {}", n.proxy))?;
+        let proxy = self.container_running(plan, &n.proxy).await?;
+        if proxy.is_none() {
+            self.record(Made::Container(n.proxy.clone()));
+            docker
+                .create_container(
+                    Some(CreateContainerOptionsBuilder::new().name(&n.proxy).build()),
+                    proxy_body,
+                )
+                .await
+                .with_context(|| format!("cannot create container {}", n.proxy))?;
+        }
+        if proxy != Some(true) {
+            // A new container has no configuration, nor has one a create killed before it was
+            // written; an existing one may hold allowlist edits and is kept as it is.
+            if proxy.is_none() || self.read_proxy_config(&n.proxy).await.is_err() {
                 let config = plan.proxy.bound_to(proxy_ip, &[subnet]).to_toml();
                 self.upload(&n.proxy, &[(PROXY_CONFIG_PATH, config.as_bytes(), 0o644)])
                     .await?;
-                self.start_proxy(&n.proxy).await?;
             }
+            self.start_proxy(&n.proxy).await?;
         }
 
         crate::interrupt::check()?;
@@ -943,7 +948,6 @@ impl Podman {
             }),
             ..Default::default()
         };
-        crate::interrupt::check()?;
         let running = self.container_running(plan, &n.agent).await?;
         if running.is_none() {
             self.record(Made::Container(n.agent.clone()));
@@ -1262,8 +1266,13 @@ impl Podman {
         let found = self.find(name).await?;
         match found.agent {
             Some(c) if is_running(&c) => Ok(format!("paude-{name}-agent")),
-            Some(_) => bail!("session {name} is stopped: start it with `paude-launch start {name}`"),
-            None => bail!("session {name} has no agent container: finish it with `paude-launch create {name}` and the options it was made with (its workspace volume is kept)"),
+            Some(_) => {
+                bail!("session {name} is stopped: start it with `paude-launch start {name}`")
+            }
+            None => bail!(
+                "session {name} has no agent container: {}",
+                super::finish_hint(name)
+            ),
         }
     }
 
@@ -1271,7 +1280,10 @@ impl Podman {
     async fn proxy_container(&self, name: &SessionName) -> Result<String> {
         let found = self.find(name).await?;
         if found.proxy.is_none() {
-            bail!("session {name} has no proxy container: finish it with `paude-launch create {name}` and the options it was made with (its workspace volume is kept)");
+            bail!(
+                "session {name} has no proxy container: {}",
+                super::finish_hint(name)
+            );
         }
         Ok(format!("paude-{name}-proxy"))
     }
@@ -1302,11 +1314,7 @@ impl Podman {
                 SessionState::Degraded("the proxy is not running".to_owned())
             }
             (Some(_), Some(_)) => SessionState::Degraded("the agent is not running".to_owned()),
-            (None, None) => {
-                SessionState::Incomplete("it has no proxy and no agent container".to_owned())
-            }
-            (None, _) => SessionState::Incomplete("the proxy container is missing".to_owned()),
-            (_, None) => SessionState::Incomplete("the agent container is missing".to_owned()),
+            _ => SessionState::Incomplete(found.missing().unwrap_or_default().to_owned()),
         };
         let any = found.agent.as_ref().or(found.proxy.as_ref());
         let label = |k: &str| {
@@ -1626,11 +1634,11 @@ impl Backend for Podman {
         let found = self.find(name).await?;
         let docker = self.docker().await?;
         let (Some(proxy), Some(agent)) = (&found.proxy, &found.agent) else {
-            bail!("session {name} is incomplete ({}): finish it with `paude-launch create {name}` and the options it was made with (its workspace volume is kept)", match (&found.proxy, &found.agent) {
-                (None, None) => "it has no proxy and no agent container",
-                (None, _) => "the proxy container is missing",
-                _ => "the agent container is missing",
-            });
+            bail!(
+                "session {name} is incomplete ({}): {}",
+                found.missing().unwrap_or_default(),
+                super::finish_hint(name)
+            );
         };
         if !is_running(proxy) {
             self.start_proxy(&format!("paude-{name}-proxy")).await?;

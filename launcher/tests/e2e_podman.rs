@@ -1666,12 +1666,12 @@ async fn kills_interrupts_and_removed_containers_never_leave_a_stuck_session() {
     checks.finish();
 }
 
-/// The pids of `podman system service` processes serving a socket of paude-launch `pid`.
-async fn services_of(pid: u32) -> Result<Vec<String>> {
+/// The pids of `podman system service` processes serving a socket under `dir`.
+async fn services_under(dir: &Path) -> Result<Vec<String>> {
     let out = support::run(
         {
             let mut c = Command::new("pgrep");
-            c.args(["-f", &format!("system service .*paude-launch-{pid}-")]);
+            c.args(["-f", &format!("system service .*{}/", dir.display())]);
             c
         },
         COMMAND_LIMIT,
@@ -1681,8 +1681,40 @@ async fn services_of(pid: u32) -> Result<Vec<String>> {
     Ok(out.stdout.split_whitespace().map(str::to_owned).collect())
 }
 
+/// The shared service directories paude-launch made under `tmp`, each checked to be this
+/// user's alone.
+fn service_dirs(tmp: &Path) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dirs = Vec::new();
+    for e in std::fs::read_dir(tmp)?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("paude-engine-") {
+            let mode = e.metadata()?.permissions().mode() & 0o777;
+            ensure!(mode == 0o700, "{} has mode {mode:o}", e.path().display());
+            dirs.push(e.path());
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Waits until no API service runs under `tmp`: the idle period plus slack for a busy machine.
+async fn services_stop(tmp: &Path, why: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = services_under(tmp).await?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{why}, but its API service still runs a minute later: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_launcher_leaves_no_api_service_and_no_socket_directory() {
+async fn the_shared_api_service_serves_consecutive_commands_and_stops_when_idle() {
     let _podman = PODMAN.lock().await;
     let mut checks = Checks::default();
     let result = async {
@@ -1691,71 +1723,94 @@ async fn a_killed_launcher_leaves_no_api_service_and_no_socket_directory() {
             return Ok(());
         }
         let dir = tempfile::tempdir()?;
-        // No DOCKER_HOST: paude-launch starts a `podman system service` of its own.
+        // A TMPDIR of the test's own: its services are the only ones under it.
+        let tmp = tempfile::tempdir()?;
+        // No DOCKER_HOST: paude-launch starts the shared `podman system service`.
         let launcher = Launcher::new(None, dir.path())?;
-        let mut killed = None;
-        // kill -9 lands while the service runs: a closed terminal or an OOM kill. A verb can
+        let list = |conf: Option<&Path>| {
+            let mut cmd = launcher.command(env!("CARGO_BIN_EXE_paude-launch"));
+            cmd.arg("list")
+                .env("TMPDIR", tmp.path())
+                .env_remove("XDG_RUNTIME_DIR");
+            if let Some(conf) = conf {
+                cmd.env("CONTAINERS_CONF", conf);
+            }
+            cmd
+        };
+        support::run(list(None), COMMAND_LIMIT, None)
+            .await?
+            .ok("paude-launch list")?;
+        let first = services_under(tmp.path()).await?;
+        ensure!(first.len() == 1, "one service after one command: {first:?}");
+        ensure!(
+            service_dirs(tmp.path())?.len() == 1,
+            "one service directory"
+        );
+        support::run(list(None), COMMAND_LIMIT, None)
+            .await?
+            .ok("a second paude-launch list")?;
+        let second = services_under(tmp.path()).await?;
+        ensure!(
+            second == first,
+            "the second command did not reuse the service: {first:?}, then {second:?}"
+        );
+        // Another Podman configuration is another state: it gets a service of its own.
+        let other = tmp.path().join("other-containers.conf");
+        std::fs::copy(support::containers_conf(), &other)?;
+        support::run(list(Some(&other)), COMMAND_LIMIT, None)
+            .await?
+            .ok("paude-launch list under another CONTAINERS_CONF")?;
+        let both = services_under(tmp.path()).await?;
+        ensure!(
+            both.len() == 2 && both.contains(&first[0]),
+            "a second configuration shares the first one's service: {both:?}"
+        );
+        ensure!(
+            service_dirs(tmp.path())?.len() == 2,
+            "two service directories"
+        );
+        services_stop(tmp.path(), "the last command ended").await?;
+
+        // kill -9 lands while the service starts: a closed terminal or an OOM kill. A verb can
         // end before the service is seen; then it is tried again.
+        let mut killed = false;
         for _ in 0..20 {
-            let mut child = launcher
-                .command(env!("CARGO_BIN_EXE_paude-launch"))
-                .args(["list"])
+            let mut child = list(None)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()?;
-            let pid = child.id().context("paude-launch has no pid")?;
             let deadline = tokio::time::Instant::now() + COMMAND_LIMIT;
             while tokio::time::Instant::now() < deadline {
                 if child.try_wait()?.is_some() {
                     break;
                 }
-                if !services_of(pid).await?.is_empty() {
-                    use std::os::unix::fs::PermissionsExt;
-                    let prefix = format!("paude-launch-{pid}-");
-                    for e in std::fs::read_dir(std::env::temp_dir())?.flatten() {
-                        if e.file_name().to_string_lossy().starts_with(&prefix) {
-                            let mode = e.metadata()?.permissions().mode() & 0o777;
-                            ensure!(mode == 0o700, "the socket directory has mode {mode:o}");
-                        }
-                    }
+                if !services_under(tmp.path()).await?.is_empty() {
                     child.start_kill()?;
                     child.wait().await?;
-                    killed = Some(pid);
+                    killed = true;
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if killed.is_some() {
+            if killed {
                 break;
             }
             let _ = child.wait().await;
+            services_stop(tmp.path(), "a command ended").await?;
         }
-        let pid = killed.context("paude-launch never ran long enough to be killed")?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = services_of(pid).await?;
-            if left.is_empty() {
-                break;
-            }
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "paude-launch was killed but its API service still runs: {left:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // The next command removes the dead process's socket directory.
-        launcher.ok(&["list"], COMMAND_LIMIT).await?;
-        let prefix = format!("paude-launch-{pid}-");
-        let left: Vec<String> = std::fs::read_dir(std::env::temp_dir())?
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with(&prefix))
-            .collect();
-        ensure!(left.is_empty(), "socket directories left behind: {left:?}");
-        Ok(())
+        ensure!(killed, "paude-launch never ran long enough to be killed");
+        services_stop(tmp.path(), "paude-launch was killed").await?;
+        // The stale socket of the stopped service is no obstacle to the next command.
+        support::run(list(None), COMMAND_LIMIT, None)
+            .await?
+            .ok("paude-launch list after a killed one")?;
+        services_stop(tmp.path(), "the last command ended").await
     }
     .await;
-    checks.record("a killed paude-launch leaves nothing running", result);
+    checks.record(
+        "the shared API service is reused and never outlives its commands",
+        result,
+    );
     checks.finish();
 }
 

@@ -141,6 +141,50 @@ async fn libpod_inner(
     Ok((status, value))
 }
 
+impl Engine {
+    /// The engine a `Server` response header names (`Libpod/4.3.1 (linux)`,
+    /// `Docker/20.10.24 (linux)`), or `None` for any other value.
+    pub fn from_server_header(server: &str) -> Option<Engine> {
+        let product = server.split_whitespace().next()?;
+        let (name, version) = product.split_once('/')?;
+        if version.is_empty() {
+            return None;
+        }
+        let version = version.to_owned();
+        match name {
+            "Libpod" => Some(Engine::Podman { version }),
+            "Docker" => Some(Engine::Docker { version }),
+            _ => None,
+        }
+    }
+}
+
+/// The `Server` header of the engine's `GET /_ping`: which engine it is, without
+/// `GET /version`, which Podman answers only after asking its runtimes (a third of a second).
+pub async fn ping_server(addr: &ApiAddr) -> Result<Option<String>> {
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri("/_ping")
+        .header(hyper::header::HOST, "localhost")
+        .body(Full::new(Bytes::new()))?;
+    let exchange = async {
+        match addr {
+            ApiAddr::Unix(path) => {
+                send(tokio::net::UnixStream::connect(path).await?, request).await
+            }
+            ApiAddr::Tcp(host) => send(tokio::net::TcpStream::connect(host).await?, request).await,
+        }
+    };
+    let response = tokio::time::timeout(LIBPOD_TIMEOUT, exchange)
+        .await
+        .context("the engine did not answer GET /_ping within 60 s")??;
+    Ok(response
+        .headers()
+        .get(hyper::header::SERVER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned))
+}
+
 /// One HTTP/1 exchange on a fresh connection.
 async fn send<S>(
     stream: S,
@@ -344,6 +388,25 @@ pub fn network_facts(name: &str, libpod: Option<&Value>, compat_internal: Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ping_server_header_names_the_engine_and_its_version() {
+        assert_eq!(
+            Engine::from_server_header("Libpod/4.3.1 (linux)"),
+            Some(Engine::Podman {
+                version: "4.3.1".into()
+            })
+        );
+        assert_eq!(
+            Engine::from_server_header("Docker/20.10.24+dfsg1 (linux)"),
+            Some(Engine::Docker {
+                version: "20.10.24+dfsg1".into()
+            })
+        );
+        for other in ["", "nginx/1.22.1", "Docker/", "Libpod", "Docker (linux)"] {
+            assert_eq!(Engine::from_server_header(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn docker_before_the_dns_fix_is_refused_with_the_minimum_version() {

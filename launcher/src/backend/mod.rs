@@ -20,6 +20,7 @@ use crate::plan::Plan;
 use crate::progress::{BuildProgress, Mode};
 use crate::spec::SessionName;
 
+pub mod engine;
 pub mod hints;
 pub mod isolation;
 pub mod openshift;

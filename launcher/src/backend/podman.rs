@@ -1,19 +1,16 @@
 //! The Podman backend: applies a [`Plan`] through the Docker-compatible API with bollard, so
 //! the same code drives a Docker engine (plus the few libpod calls of `isolation.rs` on
-//! Podman). It owns the connection (an existing socket, or a `podman system service` it starts
-//! for the duration of the command), the image builds, and the session's objects: an internal
-//! network (no route out, no DNS, the agent's only network), an egress network, the proxy
-//! container on both, the agent container (started behind the start-up check), and the data
-//! volume.
+//! Podman). It uses the connection `engine.rs` opens and owns the image builds and the
+//! session's objects: an internal network (no route out, no DNS, the agent's only network), an
+//! egress network, the proxy container on both, the agent container (started behind the
+//! start-up check), and the data volume.
 //!
 //! Invariant: every object carries the session's labels; nothing else records that a session
 //! exists.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -31,13 +28,14 @@ use bollard::query_parameters::{
     RemoveVolumeOptionsBuilder, ResizeExecOptionsBuilder, StopContainerOptionsBuilder,
     UploadToContainerOptionsBuilder,
 };
-use bollard::{body_full, ClientVersion, Docker};
+use bollard::{body_full, Docker};
 use futures_util::StreamExt;
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
-use super::isolation::{self, ApiAddr, Engine};
+use super::engine::{self, Connection};
+use super::isolation::{self, Engine};
 use super::{hints, Backend, ExecOutput, Progress, SessionInfo, SessionState};
 use crate::cli::{BackendKind, Global};
 use crate::images::ImagePlan;
@@ -47,13 +45,6 @@ use crate::plan::{
 };
 use crate::spec::SessionName;
 
-/// The API version spoken: the newest Podman 4 serves, which Docker engines also accept.
-const API_VERSION: ClientVersion = ClientVersion {
-    major_version: 1,
-    minor_version: 41,
-};
-/// Seconds an API request may take (image builds stream, so this bounds silence, not length).
-const API_TIMEOUT_SECS: u64 = 900;
 /// Lines of build output kept for the error message of a failed build.
 const BUILD_LOG_TAIL: usize = 25;
 /// Memory limit of the proxy container.
@@ -85,61 +76,6 @@ enum Made {
     Container(String),
 }
 
-/// An open API connection.
-struct Connection {
-    /// The bollard client.
-    docker: Docker,
-    /// The same API's address, for the libpod requests bollard cannot make.
-    addr: ApiAddr,
-    /// Which engine answered.
-    engine: Engine,
-    /// The `podman system service` this command started; killed when the command ends.
-    _service: Option<Service>,
-}
-
-impl Connection {
-    /// A connection to an engine that answered a ping; asks which engine it is.
-    async fn new(docker: Docker, addr: ApiAddr, service: Option<Service>) -> Result<Connection> {
-        let version = docker
-            .version()
-            .await
-            .context("the engine answered a ping but not GET /version")?
-            .version
-            .unwrap_or_default();
-        // Only Podman serves the libpod API; a Docker engine answers 404.
-        let podman = matches!(
-            isolation::libpod(&addr, hyper::Method::GET, "/_ping", None).await,
-            Ok((200, _))
-        );
-        let engine = if podman {
-            Engine::Podman { version }
-        } else {
-            Engine::Docker { version }
-        };
-        Ok(Connection {
-            docker,
-            addr,
-            engine,
-            _service: service,
-        })
-    }
-}
-
-/// A `podman system service` child process with its private socket directory.
-struct Service {
-    /// The process, killed on drop.
-    child: tokio::process::Child,
-    /// The directory holding the socket, removed on drop.
-    dir: PathBuf,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 impl Podman {
     /// Creates the backend without contacting the engine (so `--dry-run` needs no engine).
     pub fn new(_global: &Global) -> Self {
@@ -156,7 +92,7 @@ impl Podman {
 
     /// The connection, opened on first use.
     async fn connection(&self) -> Result<&Connection> {
-        self.conn.get_or_try_init(connect).await
+        self.conn.get_or_try_init(engine::connect).await
     }
 
     /// Refuses engines whose networks cannot keep the agent inside: Docker before the fix of
@@ -168,185 +104,6 @@ impl Podman {
             }
         }
         Ok(())
-    }
-}
-
-/// Whether a client answers a ping within a few seconds.
-async fn answers(docker: &Docker) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
-        Ok(Ok(_))
-    )
-}
-
-/// Finds an API socket that answers, or starts `podman system service` on a private one.
-async fn connect() -> Result<Connection> {
-    if let Ok(host) = std::env::var("DOCKER_HOST") {
-        let docker = if host.starts_with("unix://") {
-            Docker::connect_with_unix(&host, API_TIMEOUT_SECS, &API_VERSION)
-        } else {
-            Docker::connect_with_http(&host, API_TIMEOUT_SECS, &API_VERSION)
-        }
-        .with_context(|| format!("cannot use DOCKER_HOST={host}: fix or unset it"))?;
-        if !answers(&docker).await {
-            bail!("the engine at DOCKER_HOST={host} does not answer: start it, or unset DOCKER_HOST to let paude-launch start podman's API service");
-        }
-        let addr = ApiAddr::from_docker_host(&host).with_context(|| {
-            format!("cannot use DOCKER_HOST={host}: paude-launch speaks to unix:// and tcp:// addresses")
-        })?;
-        return Connection::new(docker, addr, None).await;
-    }
-    let mut candidates = Vec::new();
-    if let Ok(dir) = std::env::var("XDG_RUNTIME_DIR") {
-        candidates.push(format!("{dir}/podman/podman.sock"));
-    }
-    candidates.push("/run/podman/podman.sock".to_owned());
-    for path in &candidates {
-        if std::path::Path::new(path).exists() {
-            if let Ok(docker) = Docker::connect_with_unix(path, API_TIMEOUT_SECS, &API_VERSION) {
-                if answers(&docker).await {
-                    return Connection::new(docker, ApiAddr::Unix(path.into()), None).await;
-                }
-            }
-        }
-    }
-    start_service(&candidates).await
-}
-
-/// The prefix of the private socket directories in the temporary directory:
-/// `paude-launch-PID-NONCE`.
-const SERVICE_DIR_PREFIX: &str = "paude-launch-";
-
-/// Creates this process's private socket directory: mode 0700, and never one that exists
-/// already (another user could have made it to catch the socket). Removes first the
-/// directories of paude-launch processes that died without cleaning up (kill -9, OOM).
-fn private_service_dir() -> Result<PathBuf> {
-    let tmp = std::env::temp_dir();
-    remove_dead_service_dirs(&tmp);
-    let mut last = None;
-    for attempt in 0..8u32 {
-        let nonce = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-            .wrapping_add(attempt);
-        let dir = tmp.join(format!(
-            "{SERVICE_DIR_PREFIX}{}-{nonce}",
-            std::process::id()
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "cannot create '{}' for the podman socket: make the temporary directory \
-                         writable or set TMPDIR to one that is",
-                        dir.display()
-                    )
-                })
-            }
-        }
-    }
-    Err(last.map_or_else(|| anyhow!("no attempt made"), anyhow::Error::from)).context(format!(
-        "cannot create a new private directory for the podman socket in '{}': remove stale \
-         {SERVICE_DIR_PREFIX}* entries there",
-        tmp.display()
-    ))
-}
-
-/// Removes the socket directories, owned by this user, of paude-launch processes that no
-/// longer exist. Their services died with them (see `start_service`); only the directories
-/// remain.
-fn remove_dead_service_dirs(tmp: &std::path::Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(tmp) else {
-        return;
-    };
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let uid = unsafe { libc::geteuid() };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(SERVICE_DIR_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let ours = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == uid);
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if ours && !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-/// Starts `podman system service --time=0` on a socket in a private directory and waits for
-/// it. The service dies with this process however it ends: dropped on the way out, and killed
-/// by the kernel (`PR_SET_PDEATHSIG`) if this process is killed outright.
-async fn start_service(tried: &[String]) -> Result<Connection> {
-    let dir = private_service_dir()?;
-    let socket = dir.join("podman.sock");
-    let url = format!("unix://{}", socket.display());
-    let mut command = tokio::process::Command::new("podman");
-    command.args(["system", "service", "--time=0", &url]);
-    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent. The service
-    // (and the container runtimes it spawns) must not share our controlling terminal: they
-    // would reset its mode while `run` attaches to the agent.
-    // prctl(2) and getppid(2) are async-signal-safe too. The parent's death kills the
-    // service; if the parent died before prctl took effect, the service does not start.
-    let parent = std::process::id();
-    unsafe {
-        command.pre_exec(move || {
-            if libc::setsid() == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if u32::try_from(libc::getppid()).ok() != Some(parent) {
-                return Err(std::io::Error::other("paude-launch exited"));
-            }
-            Ok(())
-        });
-    }
-    let child = command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            bail!(
-                "no container engine API answered (tried {}) and podman could not be started ({e}): \
-                 install podman (e.g. apt-get install podman), or set DOCKER_HOST to a running engine",
-                tried.join(", ")
-            );
-        }
-    };
-    let service = Service { child, dir };
-    let deadline = tokio::time::Instant::now() + ENGINE_WAIT;
-    loop {
-        if socket.exists() {
-            if let Ok(docker) = Docker::connect_with_unix(&url, API_TIMEOUT_SECS, &API_VERSION) {
-                if answers(&docker).await {
-                    return Connection::new(docker, ApiAddr::Unix(socket), Some(service)).await;
-                }
-            }
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "`podman system service` did not answer on {url} within {} s: run \
-                 `podman system service --time=0 {url}` yourself to see why, or set DOCKER_HOST",
-                ENGINE_WAIT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

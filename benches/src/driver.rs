@@ -40,6 +40,8 @@ pub enum Scenario {
     Duplex,
     /// Plain-HTTP download of the large file through the forward proxy.
     HttpDownload,
+    /// paude-launch's verbs on a real Podman session beside the podman CLI's.
+    Verbs,
 }
 
 impl Scenario {
@@ -87,6 +89,9 @@ pub struct Plan {
     pub duplex_block: usize,
     /// Parallel plain-HTTP downloads.
     pub http_download_streams: usize,
+    /// Rounds of the launcher verbs (each creates, stops, starts and deletes a session); none
+    /// in the smoke mode, which needs no container engine.
+    pub verb_rounds: usize,
     /// The scenarios to run; all when empty.
     pub only: Vec<Scenario>,
 }
@@ -120,6 +125,7 @@ impl Plan {
             duplex_tunnels: vec![1],
             duplex_block: 256 * 1024,
             http_download_streams: 1,
+            verb_rounds: 5,
             only: Vec::new(),
         }
     }
@@ -148,8 +154,14 @@ impl Plan {
             duplex_tunnels: vec![1],
             duplex_block: 256 * 1024,
             http_download_streams: 1,
+            verb_rounds: 0,
             only: Vec::new(),
         }
+    }
+
+    /// Whether the run measures the launcher's verbs.
+    pub fn runs_verbs(&self) -> bool {
+        self.verb_rounds > 0 && self.includes(Scenario::Verbs)
     }
 
     /// Whether the run needs nginx (the HTTPS and plain downloads and the API requests).
@@ -189,6 +201,8 @@ pub struct Results {
     /// Full-duplex echo against the small-buffer upstream, by number of tunnels.
     pub duplex: BTreeMap<(usize, PeerKind), Sample>,
     pub http_download: BTreeMap<PeerKind, Sample>,
+    /// The launcher's verbs beside podman's (empty when not measured).
+    pub verbs: Vec<crate::verbs::VerbTiming>,
 }
 
 impl Results {
@@ -212,6 +226,7 @@ impl Results {
             events: BTreeMap::new(),
             duplex: BTreeMap::new(),
             http_download: BTreeMap::new(),
+            verbs: Vec::new(),
         }
     }
 }

@@ -12,9 +12,11 @@
 //! - [`scenarios`]: one measurement of one scenario through one path.
 //! - [`driver`]: the plan (full or smoke) and the interleaved loop over scenarios and peers.
 //! - [`procfs`]: memory and CPU time of the processes under test, from `/proc`.
+//! - [`verbs`]: the launcher's verbs on a real Podman session beside the podman CLI's.
 //! - [`report`]: the summary table, ratios, targets and `RESULTS.md`.
 //!
-//! Invariant: every socket the benchmark opens or dials is on 127.0.0.1.
+//! Invariant: every socket the benchmark opens or dials is on 127.0.0.1 (the verbs' containers
+//! sit on networks the run creates, and nothing in them dials out).
 
 pub mod client;
 pub mod driver;
@@ -26,3 +28,4 @@ pub mod report;
 pub mod scenarios;
 pub mod servers;
 pub mod tls;
+pub mod verbs;

@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// Run the full benchmark (about ten minutes on two cores) and write the results file.
+    /// Run the full benchmark (about a quarter of an hour on two cores, with the launcher's verbs
+    /// on Podman) and write the results file.
     Run {
         #[command(flatten)]
         common: Common,
@@ -128,8 +129,12 @@ fn real_main() -> anyhow::Result<()> {
     let plan_is_smoke = plan.name == "smoke";
     let paude_bin = match common.paude_bin {
         Some(path) => path,
-        None if common.peers.contains(&PeerKind::Paude) => build_paude()?,
+        None if common.peers.contains(&PeerKind::Paude) => build_release("paude-proxy")?,
         None => PathBuf::new(),
+    };
+    let launch_bin = match plan.runs_verbs() {
+        true => Some(build_release("paude-launch")?),
+        false => None,
     };
     let helper_bin = std::env::current_exe().context("cannot find this executable")?;
     let setup = Setup {
@@ -138,7 +143,10 @@ fn real_main() -> anyhow::Result<()> {
         peers: common.peers,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let results = runtime.block_on(driver::run(plan, &setup))?;
+    let mut results = runtime.block_on(driver::run(plan, &setup))?;
+    if let Some(launch) = launch_bin {
+        results.verbs = paude_benches::verbs::measure(&launch, results.plan.verb_rounds)?;
+    }
     let text = report::render(&results, &now());
     println!("{text}");
     match out {
@@ -152,8 +160,9 @@ fn real_main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds paude-proxy in release mode into this binary's target directory and returns its path.
-fn build_paude() -> anyhow::Result<PathBuf> {
+/// Builds `package` (paude-proxy or paude-launch, whose binaries bear the package's name) in
+/// release mode into this binary's target directory and returns the binary's path.
+fn build_release(package: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let profile_dir = exe.parent().context("executable has no directory")?;
     let target_dir = profile_dir
@@ -166,17 +175,17 @@ fn build_paude() -> anyhow::Result<PathBuf> {
         );
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("paude-benches: building paude-proxy in release mode");
+    eprintln!("paude-benches: building {package} in release mode");
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "-p", "paude-proxy", "--target-dir"])
+        .args(["build", "--release", "-p", package, "--target-dir"])
         .arg(target_dir)
         .current_dir(workspace_dir())
         .status()
-        .context("cannot run cargo to build paude-proxy")?;
+        .with_context(|| format!("cannot run cargo to build {package}"))?;
     if !status.success() {
-        bail!("`cargo build --release -p paude-proxy` failed; fix the build and rerun");
+        bail!("`cargo build --release -p {package}` failed; fix the build and rerun");
     }
-    Ok(profile_dir.join("paude-proxy"))
+    Ok(profile_dir.join(package))
 }
 
 fn workspace_dir() -> &'static Path {

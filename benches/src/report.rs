@@ -355,6 +355,23 @@ pub fn targets(results: &Results) -> Vec<Target> {
             .zip(achieved)
             .map(|(r, a)| r >= 0.9 && a >= 0.9 * flood as f64),
     });
+
+    if !results.verbs.is_empty() {
+        let slowest = results
+            .verbs
+            .iter()
+            .filter_map(|v| Some((v.verb, v.ratio()?)))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let complete = results.verbs.iter().all(|v| v.ratio().is_some());
+        out.push(Target {
+            name: "every launcher verb vs the podman CLI",
+            measured: slowest
+                .map(|(verb, r)| format!("slowest: {verb}, {r:.2}× podman"))
+                .unwrap_or("—".into()),
+            required: "≤ 1.2× podman",
+            met: slowest.filter(|_| complete).map(|(_, r)| r <= 1.2),
+        });
+    }
     out
 }
 
@@ -447,6 +464,7 @@ pub fn render(results: &Results, date: &str) -> String {
     }
 
     render_cpu(&mut out, results, &peers);
+    render_verbs(&mut out, &results.verbs);
 
     let _ = writeln!(
         out,
@@ -473,6 +491,33 @@ pub fn render(results: &Results, date: &str) -> String {
         }
     }
     out
+}
+
+/// The launcher's verbs beside the podman CLI doing the same work.
+fn render_verbs(out: &mut String, verbs: &[crate::verbs::VerbTiming]) {
+    if verbs.is_empty() {
+        return;
+    }
+    let rounds = verbs.iter().map(|v| v.launch_ms.len()).max().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "\n## Launcher verbs\n\nEach `paude-launch` verb on a `shell` session beside the `podman` \
+         commands doing the same engine work, wall-clock from exec to exit, median of {rounds} \
+         rounds (alternating which goes first); the launcher uses the shared API service, as \
+         consecutive commands of a user do.\n\n| verb | podman equivalent | paude-launch ms | \
+         podman ms | paude-launch ÷ podman |\n|---|---|---:|---:|---:|"
+    );
+    for v in verbs {
+        let _ = writeln!(
+            out,
+            "| {} | `{}` | {} | {} | {} |",
+            v.verb,
+            v.raw,
+            fmt(v.launch_median(), 1),
+            fmt(v.podman_median(), 1),
+            fmt(v.ratio(), 2)
+        );
+    }
 }
 
 /// Where the CPU went in the tunnel, bulk and refusal scenarios: the proxy's processes, the load

@@ -203,6 +203,8 @@ pub struct Results {
     pub http_download: BTreeMap<PeerKind, Sample>,
     /// The launcher's verbs beside podman's (empty when not measured).
     pub verbs: Vec<crate::verbs::VerbTiming>,
+    /// Why the verbs were not measured, when they were asked for and failed.
+    pub verbs_error: Option<String>,
 }
 
 impl Results {
@@ -227,6 +229,7 @@ impl Results {
             duplex: BTreeMap::new(),
             http_download: BTreeMap::new(),
             verbs: Vec::new(),
+            verbs_error: None,
         }
     }
 }

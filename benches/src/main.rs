@@ -4,7 +4,7 @@
 //! plan and writes the report; `smoke` runs every scenario on every path for a moment and checks
 //! the harness produced sane results, without writing anything.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use paude_benches::driver::{self, Plan, Scenario, Setup};
 use paude_benches::peers::PeerKind;
 use paude_benches::report;
+use paude_benches::verbs::workspace_dir;
 
 #[derive(Parser)]
 #[command(
@@ -145,7 +146,15 @@ fn real_main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let mut results = runtime.block_on(driver::run(plan, &setup))?;
     if let Some(launch) = launch_bin {
-        results.verbs = paude_benches::verbs::measure(&launch, results.plan.verb_rounds)?;
+        // The proxy's results stand without the verbs (no Podman, a failed create): the
+        // report says what went wrong instead of the run losing everything.
+        match paude_benches::verbs::measure(&launch, results.plan.verb_rounds) {
+            Ok(verbs) => results.verbs = verbs,
+            Err(e) => {
+                eprintln!("paude-benches: the launcher verbs were not measured: {e:#}");
+                results.verbs_error = Some(format!("{e:#}").replace('\n', " "));
+            }
+        }
     }
     let text = report::render(&results, &now());
     println!("{text}");
@@ -186,12 +195,6 @@ fn build_release(package: &str) -> anyhow::Result<PathBuf> {
         bail!("`cargo build --release -p {package}` failed; fix the build and rerun");
     }
     Ok(profile_dir.join(package))
-}
-
-fn workspace_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(Path::new("."))
 }
 
 fn now() -> String {

@@ -728,6 +728,9 @@ fn errors(results: &Results) -> Vec<String> {
             ));
         }
     }
+    if let Some(e) = &results.verbs_error {
+        out.push(format!("launcher verbs not measured: {e}"));
+    }
     out
 }
 

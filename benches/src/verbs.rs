@@ -344,7 +344,8 @@ pub fn measure(launch: &Path, rounds: usize) -> Result<Vec<VerbTiming>> {
     result.map(|()| timings)
 }
 
-fn workspace_dir() -> &'static Path {
+/// The workspace root (the directory above this crate).
+pub fn workspace_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."))
